@@ -1,0 +1,67 @@
+// Shared device helpers for fourbit's CUDA kernels: launch checking, typed element
+// load/store (fp32 / fp16 / bf16) and dtype dispatch. Internal header.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fourbit/error.h"
+#include "fourbit/types.h"
+
+// Throws a fourbit::Error (Runtime) if a CUDA runtime call failed.
+#define FOURBIT_CUDA_CHECK(expr)                                                          \
+  do {                                                                                    \
+    const cudaError_t fourbit_err_ = (expr);                                              \
+    FOURBIT_CHECK_RUNTIME(fourbit_err_ == cudaSuccess, "CUDA error in ", #expr, ": ",     \
+                          cudaGetErrorString(fourbit_err_), " (", __FILE__, ":",          \
+                          __LINE__, ")");                                                 \
+  } while (0)
+
+// Checks the most recent kernel launch.
+#define FOURBIT_CUDA_LAUNCH_CHECK() FOURBIT_CUDA_CHECK(cudaGetLastError())
+
+namespace fourbit {
+namespace cuda {
+
+// Threads per CTA for the elementwise kernels: enough warps to hide latency, small
+// enough that the grid stays balanced on small tensors.
+constexpr int kThreadsPerBlock = 256;
+
+// Enough CTAs to fill every SM several times over; grid-stride loops cover the rest.
+int max_grid_blocks();
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Calls fn(T{}) with T the device storage type of `dtype`.
+template <typename Fn>
+void dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::Float16: fn(__half{}); return;
+    case DType::BFloat16: fn(__nv_bfloat16{}); return;
+    case DType::Float32: fn(float{}); return;
+  }
+}
+
+// Grid size for `work_items` independent items at `per_cta` items per CTA.
+inline unsigned int grid_for(int64_t work_items, int64_t per_cta) {
+  const int64_t needed = (work_items + per_cta - 1) / per_cta;
+  const int64_t cap = max_grid_blocks();
+  return static_cast<unsigned int>(needed < cap ? (needed > 0 ? needed : 1) : cap);
+}
+
+}  // namespace cuda
+}  // namespace fourbit

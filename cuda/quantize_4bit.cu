@@ -1,0 +1,222 @@
+// CUDA 4-bit blockwise quantize / dequantize (NF4, FP4); the CPU twin is
+// src/quantize_4bit.cpp and both produce identical bytes (docs/format.md).
+//
+// Layout: packed[j] holds elements 2j (high nibble) and 2j+1 (low nibble); block b of
+// `blocksize` elements has scale absmax[b] (plain fp32, or decoded from the nested
+// double-quantized form inside the kernel).
+//
+// Dequantize (memory bound, the hot path): each thread owns a chunk of 32 elements,
+// i.e. one 16-byte load of packed codes and 64 (bf16/fp16) or 128 (fp32) bytes of
+// 16-byte stores. Blocksizes are powers of two >= 32, so a chunk never straddles two
+// scale blocks: one scale per thread, decoded from the nested absmax in registers (no
+// second launch). The 16-entry codebook sits in shared memory; a grid-stride loop keeps
+// enough loads in flight to saturate HBM.
+//
+// Quantize: one warp per scale block; lanes take element pairs (one output byte each),
+// reduce the absmax with warp shuffles, then bucket each scaled value against the 15
+// midpoints exactly as the CPU twin does.
+#include <cmath>
+
+#include "common.cuh"
+#include "fourbit/codebook.h"
+#include "fourbit/quantize.h"
+
+namespace fourbit {
+namespace cuda {
+namespace {
+
+constexpr int kChunkElements = 32;                  // elements per dequant thread
+constexpr int kChunkBytes = kChunkElements / 2;     // = one 16-byte load
+constexpr int kWarpsPerQuantizeCta = 8;
+constexpr float kMinAbsmax = 1e-38f;
+
+struct Codebook4bit {
+  float values[kCodebook4bitSize];
+};
+
+struct Quantizer4bitArgs {
+  float midpoints[kCodebook4bitSize - 1];
+  uint8_t sorted_order[kCodebook4bitSize];
+};
+
+// fp32 scale of block b; the nested form uses two separate roundings like the CPU twin.
+__device__ __forceinline__ float block_scale(const BlockScales& s, int64_t b) {
+  if (s.absmax_q == nullptr) return s.absmax[b];
+  const float decoded =
+      __fmul_rn(s.nested_code[s.absmax_q[b]], s.nested_absmax[b / s.nested_blocksize]);
+  return __fadd_rn(decoded, *s.offset);
+}
+
+// Packs two output elements into 32 bits (16-bit types) for vector stores.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(T a, T b) {
+  const uint32_t lo = *reinterpret_cast<const uint16_t*>(&a);
+  const uint32_t hi = *reinterpret_cast<const uint16_t*>(&b);
+  return lo | (hi << 16);
+}
+
+// Vector path: requires 16-byte aligned `packed` and `out`; handles only whole chunks.
+template <typename T>
+__global__ void dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit code,
+                                           int64_t full_chunks) {
+  __shared__ float lut[kCodebook4bitSize];
+  if (threadIdx.x < kCodebook4bitSize) lut[threadIdx.x] = code.values[threadIdx.x];
+  __syncthreads();
+  const uint4* in = reinterpret_cast<const uint4*>(p.packed);
+  T* out = static_cast<T*>(p.out);
+  for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < full_chunks;
+       c += (int64_t)gridDim.x * blockDim.x) {
+    const uint4 raw = __ldg(in + c);  // read-only path: each byte is read exactly once
+    const float scale = block_scale(p.scales, (c * kChunkElements) / p.blocksize);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    float v[kChunkElements];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+#pragma unroll
+      for (int byte = 0; byte < 4; ++byte) {
+        const uint32_t bits = (words[w] >> (8 * byte)) & 0xffu;
+        v[w * 8 + byte * 2] = __fmul_rn(lut[bits >> 4], scale);
+        v[w * 8 + byte * 2 + 1] = __fmul_rn(lut[bits & 0x0fu], scale);
+      }
+    }
+    T* dst = out + c * kChunkElements;
+    if constexpr (sizeof(T) == 4) {
+      float4* d4 = reinterpret_cast<float4*>(dst);
+#pragma unroll
+      for (int k = 0; k < kChunkElements / 4; ++k) {
+        d4[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+      }
+    } else {
+      uint4* d4 = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+      for (int k = 0; k < kChunkElements / 8; ++k) {
+        uint4 o;
+        o.x = pack2(from_float<T>(v[8 * k + 0]), from_float<T>(v[8 * k + 1]));
+        o.y = pack2(from_float<T>(v[8 * k + 2]), from_float<T>(v[8 * k + 3]));
+        o.z = pack2(from_float<T>(v[8 * k + 4]), from_float<T>(v[8 * k + 5]));
+        o.w = pack2(from_float<T>(v[8 * k + 6]), from_float<T>(v[8 * k + 7]));
+        d4[k] = o;
+      }
+    }
+  }
+}
+
+// Scalar path: one thread per packed byte, for [first_element, numel). Used for the
+// ragged tail of the vector path and for unaligned pointers.
+template <typename T>
+__global__ void dequantize_4bit_scalar_kernel(Dequantize4bitParams p, Codebook4bit code,
+                                              int64_t first_element) {
+  T* out = static_cast<T*>(p.out);
+  const int64_t first_byte = first_element / 2;
+  const int64_t bytes = (p.numel + 1) / 2;
+  for (int64_t j = first_byte + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < bytes;
+       j += (int64_t)gridDim.x * blockDim.x) {
+    const uint8_t bits = p.packed[j];
+    const int64_t i = 2 * j;
+    const float scale = block_scale(p.scales, i / p.blocksize);  // i, i+1 share a block
+    out[i] = from_float<T>(__fmul_rn(code.values[bits >> 4], scale));
+    if (i + 1 < p.numel) out[i + 1] = from_float<T>(__fmul_rn(code.values[bits & 0x0f], scale));
+  }
+}
+
+__device__ __forceinline__ int bucket_4bit(float x, const Quantizer4bitArgs& q) {
+  if (isnan(x)) return kCodebook4bitSize - 1;
+  int position = 0;
+#pragma unroll
+  for (int k = 0; k < kCodebook4bitSize - 1; ++k) position += x > q.midpoints[k] ? 1 : 0;
+  return position;
+}
+
+// NaN-propagating max (torch.max semantics), used by the warp reduction.
+__device__ __forceinline__ float max_propagate_nan(float a, float b) {
+  return (isnan(a) || a > b) ? a : b;
+}
+
+template <typename T>
+__global__ void quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q,
+                                     int64_t blocks) {
+  const T* in = static_cast<const T*>(p.input);
+  const int lane = threadIdx.x % 32;
+  const int64_t warps_total = (int64_t)gridDim.x * kWarpsPerQuantizeCta;
+  const bool has_tail = p.numel % p.blocksize != 0;
+  for (int64_t b = blockIdx.x * (int64_t)kWarpsPerQuantizeCta + threadIdx.x / 32; b < blocks;
+       b += warps_total) {
+    const int64_t start = b * p.blocksize;
+    const int64_t len = min(p.blocksize, p.numel - start);
+    float m = 0.0f;
+    for (int64_t i = lane; i < len; i += 32) m = max_propagate_nan(fabsf(to_float(in[start + i])), m);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      m = max_propagate_nan(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    }
+    const float divisor = m < kMinAbsmax ? kMinAbsmax : m;  // keeps NaN
+    const bool full = !(has_tail && b == blocks - 1);
+    const float inv = __frcp_rn(divisor);
+    if (lane == 0) p.absmax[b] = full ? m : divisor;
+    const int pad_code = q.sorted_order[bucket_4bit(0.0f, q)];
+    for (int64_t j = lane; 2 * j < len; j += 32) {
+      const int64_t i = start + 2 * j;
+      const float x0 = to_float(in[i]);
+      const float s0 = full ? __fmul_rn(x0, inv) : __fdiv_rn(x0, divisor);
+      const int hi = q.sorted_order[bucket_4bit(s0, q)];
+      int lo = pad_code;
+      if (2 * j + 1 < len) {
+        const float x1 = to_float(in[i + 1]);
+        const float s1 = full ? __fmul_rn(x1, inv) : __fdiv_rn(x1, divisor);
+        lo = q.sorted_order[bucket_4bit(s1, q)];
+      }
+      p.packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
+    }
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+}  // namespace cuda
+
+void quantize_4bit_cuda(const Quantize4bitParams& p, cudaStream_t stream) {
+  validate(p);
+  if (p.numel == 0) return;
+  const Quantizer4bit& host_q = quantizer_4bit(p.quant_type);
+  cuda::Quantizer4bitArgs q{};
+  for (int k = 0; k < kCodebook4bitSize - 1; ++k) q.midpoints[k] = host_q.midpoints[k];
+  for (int k = 0; k < kCodebook4bitSize; ++k) q.sorted_order[k] = host_q.sorted_order[k];
+  const int64_t blocks = num_blocks(p.numel, p.blocksize);
+  const unsigned int grid = cuda::grid_for(blocks, cuda::kWarpsPerQuantizeCta);
+  cuda::dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::quantize_4bit_kernel<T>
+        <<<grid, cuda::kWarpsPerQuantizeCta * 32, 0, stream>>>(p, q, blocks);
+  });
+  FOURBIT_CUDA_LAUNCH_CHECK();
+}
+
+void dequantize_4bit_cuda(const Dequantize4bitParams& p, cudaStream_t stream) {
+  validate(p);
+  if (p.numel == 0) return;
+  cuda::Codebook4bit code{};
+  const auto& values = codebook_4bit(p.quant_type);
+  for (int k = 0; k < kCodebook4bitSize; ++k) code.values[k] = values[k];
+  const bool vectorize = cuda::aligned16(p.packed) && cuda::aligned16(p.out);
+  const int64_t full_chunks = vectorize ? p.numel / cuda::kChunkElements : 0;
+  const int64_t scalar_from = full_chunks * cuda::kChunkElements;
+  cuda::dispatch_dtype(p.out_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (full_chunks > 0) {
+      const unsigned int grid = cuda::grid_for(full_chunks, cuda::kThreadsPerBlock);
+      cuda::dequantize_4bit_vec_kernel<T>
+          <<<grid, cuda::kThreadsPerBlock, 0, stream>>>(p, code, full_chunks);
+      FOURBIT_CUDA_LAUNCH_CHECK();
+    }
+    if (scalar_from < p.numel) {
+      const int64_t bytes = (p.numel - scalar_from + 1) / 2;
+      const unsigned int grid = cuda::grid_for(bytes, cuda::kThreadsPerBlock);
+      cuda::dequantize_4bit_scalar_kernel<T>
+          <<<grid, cuda::kThreadsPerBlock, 0, stream>>>(p, code, scalar_from);
+      FOURBIT_CUDA_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace fourbit

@@ -1,0 +1,22 @@
+"""fourbit: QLoRA building blocks in C++/CUDA with bitsandbytes-compatible 4-bit formats.
+
+Importing the package loads the native extension, which registers ``torch.ops.fourbit.*``.
+A missing or broken extension is an ImportError here, never a silent fallback.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.fourbit.*)
+from . import _ops  # noqa: F401  (fake kernels for torch.compile)
+from . import functional
+from .functional import QuantState
+
+__version__ = "0.1.0"
+
+
+def built_with_cuda() -> bool:
+    """True if the native library was compiled with the CUDA kernels."""
+    return _C.built_with_cuda()
+
+
+__all__ = ["functional", "QuantState", "built_with_cuda", "__version__"]

