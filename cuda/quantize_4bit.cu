@@ -25,8 +25,7 @@ namespace fourbit {
 namespace cuda {
 namespace {
 
-constexpr int kChunkElements = 32;                  // elements per dequant thread
-constexpr int kChunkBytes = kChunkElements / 2;     // = one 16-byte load
+constexpr int kChunkElements = 32;  // elements per dequant thread: one 16-byte load of codes
 constexpr int kWarpsPerQuantizeCta = 8;
 constexpr float kMinAbsmax = 1e-38f;
 
@@ -38,6 +37,16 @@ struct Quantizer4bitArgs {
   float midpoints[kCodebook4bitSize - 1];
   uint8_t sorted_order[kCodebook4bitSize];
 };
+
+// Copies the kernel-parameter codebook to shared memory with compile-time indices (a
+// run-time index into a parameter array would force a local-memory copy per thread).
+__device__ __forceinline__ void load_codebook(const Codebook4bit& code, float* lut) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < kCodebook4bitSize; ++k) lut[k] = code.values[k];
+  }
+  __syncthreads();
+}
 
 // fp32 scale of block b; the nested form uses two separate roundings like the CPU twin.
 __device__ __forceinline__ float block_scale(const BlockScales& s, int64_t b) {
@@ -60,8 +69,7 @@ template <typename T>
 __global__ void dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit code,
                                            int64_t full_chunks) {
   __shared__ float lut[kCodebook4bitSize];
-  if (threadIdx.x < kCodebook4bitSize) lut[threadIdx.x] = code.values[threadIdx.x];
-  __syncthreads();
+  load_codebook(code, lut);
   const uint4* in = reinterpret_cast<const uint4*>(p.packed);
   T* out = static_cast<T*>(p.out);
   for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < full_chunks;
@@ -106,6 +114,8 @@ __global__ void dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit 
 template <typename T>
 __global__ void dequantize_4bit_scalar_kernel(Dequantize4bitParams p, Codebook4bit code,
                                               int64_t first_element) {
+  __shared__ float lut[kCodebook4bitSize];
+  load_codebook(code, lut);
   T* out = static_cast<T*>(p.out);
   const int64_t first_byte = first_element / 2;
   const int64_t bytes = (p.numel + 1) / 2;
@@ -114,8 +124,8 @@ __global__ void dequantize_4bit_scalar_kernel(Dequantize4bitParams p, Codebook4b
     const uint8_t bits = p.packed[j];
     const int64_t i = 2 * j;
     const float scale = block_scale(p.scales, i / p.blocksize);  // i, i+1 share a block
-    out[i] = from_float<T>(__fmul_rn(code.values[bits >> 4], scale));
-    if (i + 1 < p.numel) out[i + 1] = from_float<T>(__fmul_rn(code.values[bits & 0x0f], scale));
+    out[i] = from_float<T>(__fmul_rn(lut[bits >> 4], scale));
+    if (i + 1 < p.numel) out[i + 1] = from_float<T>(__fmul_rn(lut[bits & 0x0f], scale));
   }
 }
 
@@ -135,6 +145,12 @@ __device__ __forceinline__ float max_propagate_nan(float a, float b) {
 template <typename T>
 __global__ void quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q,
                                      int64_t blocks) {
+  __shared__ uint8_t sorted_order[kCodebook4bitSize];
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < kCodebook4bitSize; ++k) sorted_order[k] = q.sorted_order[k];
+  }
+  __syncthreads();
   const T* in = static_cast<const T*>(p.input);
   const int lane = threadIdx.x % 32;
   const int64_t warps_total = (int64_t)gridDim.x * kWarpsPerQuantizeCta;
@@ -153,17 +169,17 @@ __global__ void quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q,
     const bool full = !(has_tail && b == blocks - 1);
     const float inv = __frcp_rn(divisor);
     if (lane == 0) p.absmax[b] = full ? m : divisor;
-    const int pad_code = q.sorted_order[bucket_4bit(0.0f, q)];
+    const int pad_code = sorted_order[bucket_4bit(0.0f, q)];
     for (int64_t j = lane; 2 * j < len; j += 32) {
       const int64_t i = start + 2 * j;
       const float x0 = to_float(in[i]);
       const float s0 = full ? __fmul_rn(x0, inv) : __fdiv_rn(x0, divisor);
-      const int hi = q.sorted_order[bucket_4bit(s0, q)];
+      const int hi = sorted_order[bucket_4bit(s0, q)];
       int lo = pad_code;
       if (2 * j + 1 < len) {
         const float x1 = to_float(in[i + 1]);
         const float s1 = full ? __fmul_rn(x1, inv) : __fdiv_rn(x1, divisor);
-        lo = q.sorted_order[bucket_4bit(s1, q)];
+        lo = sorted_order[bucket_4bit(s1, q)];
       }
       p.packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
     }

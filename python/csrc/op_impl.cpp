@@ -69,6 +69,11 @@ void check_packed(const at::Tensor& A, int64_t numel, at::IntArrayRef shape) {
             need);
 }
 
+QuantType quant_type_arg(const std::string& name) {
+  CHECK_ARG(name == "nf4" || name == "fp4", "quant_type must be 'nf4' or 'fp4', got '", name, "'");
+  return parse_quant_type(name);
+}
+
 // Runs a core call, turning fourbit::Error into ValueError (argument) or RuntimeError.
 template <typename Fn>
 void run_core(Fn&& fn) {
@@ -93,7 +98,7 @@ Dequantize4bitParams dequant_params(const at::Tensor& A, int64_t blocksize,
                                     at::ScalarType dtype, const at::Tensor& out) {
   check_blocksize(blocksize);
   Dequantize4bitParams p;
-  p.quant_type = parse_quant_type(quant_type);
+  p.quant_type = quant_type_arg(quant_type);
   p.out_dtype = to_core_dtype(dtype, "dtype");
   p.numel = checked_numel(shape);
   check_packed(A, p.numel, shape);
@@ -111,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const DeviceKernels& k, const a
                                                  at::ScalarType quant_storage) {
   check_blocksize(blocksize);
   Quantize4bitParams p;
-  p.quant_type = parse_quant_type(quant_type);
+  p.quant_type = quant_type_arg(quant_type);
   p.dtype = to_core_dtype(A_in.scalar_type(), "A.dtype");
   const at::Tensor A = A_in.contiguous();
   p.numel = A.numel();

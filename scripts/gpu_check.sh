@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole GPU check in one device call: build for the card, run the CUDA tests (and the
+# rest of the suite), run compute-sanitizer on the CUDA kernels, and run the benchmarks
+# side by side with bitsandbytes. Logs and JSON go to $OUT (default ./gpu_out).
+#
+# On the lent GPU machine (no network): carry a bitsandbytes wheel in .whl/ (see
+# docs/BENCHMARKS.md for the pip download line) and run `bash scripts/gpu_check.sh`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+step() { echo; echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+step "environment"
+{ nvidia-smi; nvcc --version; "$PY" -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
+tail -n 3 "$OUT/env.txt"
+
+# bitsandbytes (the reference) from carried wheels, when present.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/fourbit_site .whl/*.whl \
+    && export PYTHONPATH=/tmp/fourbit_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$PY" -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>&1 | tail -n 1 | tee -a "$OUT/summary.txt"
+
+step "build for this card"
+cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d .)
+[ "$cap" = "90" ] && cap=90a   # Hopper: arch-specific target (wgmma, setmaxnreg)
+if FOURBIT_CUDA=ON FOURBIT_CUDA_ARCHS=$cap "$PY" -m pip install -v --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1; then
+  echo "built for sm_$cap" | tee -a "$OUT/summary.txt"
+else
+  echo "BUILD FAILED (see build.log)" | tee -a "$OUT/summary.txt"; tail -n 30 "$OUT/build.log"; exit 1
+fi
+
+step "pytest (CUDA tests and the rest)"
+"$PY" -m pytest tests/python -q -rs -p no:cacheprovider >"$OUT/pytest.log" 2>&1 || status=1
+tail -n 5 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
+
+step "compute-sanitizer memcheck on the CUDA kernels"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$PY" -m pytest tests/python/test_cuda.py -q -x -p no:cacheprovider >"$OUT/sanitizer.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && status=1
+  echo "memcheck exit code $rc" | tee -a "$OUT/summary.txt"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -n 3 | tee -a "$OUT/summary.txt"
+else
+  echo "compute-sanitizer not found" | tee -a "$OUT/summary.txt"
+fi
+
+step "benchmark: quantize / dequantize vs bitsandbytes"
+"$PY" benchmarks/bench_quant.py --device cuda --json "$OUT/bench_quant.json" >"$OUT/bench_quant.md" 2>&1 || status=1
+cat "$OUT/bench_quant.md"
+
+exit $status

@@ -1,0 +1,21 @@
+// AVX-512 inner loop of the CPU 4-bit dequantize (src/quantize_4bit.cpp). Internal header.
+#pragma once
+
+#include <cstdint>
+
+#include "fourbit/types.h"
+
+namespace fourbit {
+namespace detail {
+
+// True if this CPU has AVX-512 F + BW and FOURBIT_DISABLE_AVX512 is unset (checked once).
+bool cpu_has_avx512bw();
+
+// Dequantizes the first floor(len / 32) * 32 elements of one scale block:
+// out[i] = round(code[nibble_i] * scale) to `dtype`. Returns how many elements it wrote;
+// the caller finishes the rest. Only call when cpu_has_avx512bw().
+int64_t dequantize_block_avx512(const uint8_t* packed, int64_t len, float scale,
+                                const float* code, DType dtype, void* out);
+
+}  // namespace detail
+}  // namespace fourbit
