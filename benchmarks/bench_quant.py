@@ -59,7 +59,6 @@ import platform
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -286,6 +285,10 @@ def compare_with_bnb(W, fb_packed, fb_state, fb_deq, bnbF, quantize, label) -> d
     return {"dequant_equal_bnb": deq_equal, "quant_bytes_equal_bnb": bytes_equal, "quant_mismatch": mismatch}
 
 
+# dequantize_into: the same dequantize writing into a preallocated output (out=).
+OPS = ("quantize", "dequantize", "dequantize_into")
+
+
 def bench_shape(name, N, K, args, device, timer, bnbF, cache) -> list[dict]:
     numel = N * K
     gen = torch.Generator(device=device).manual_seed(0)
@@ -322,20 +325,30 @@ def bench_shape(name, N, K, args, device, timer, bnbF, cache) -> list[dict]:
         libs = {"fourbit": F} if bnbF is None else {"fourbit": F, "bitsandbytes": bnbF}
         times: dict[str, dict[str, tuple]] = {}
         errors = {}
+        out_buf = torch.empty(N, K, dtype=DTYPE, device=device)
         for lib_name, lib in libs.items():
-            try:
-                t_q = timer([lambda W=W: quantize(lib, W) for W in sources])
-                states = [quantize(lib, sources[0])]
-                states += [copy.deepcopy(states[0]) for _ in range(n_q - 1)]
-                t_dq = timer([lambda p=p, s=s: lib.dequantize_4bit(p, s) for p, s in states])
-                del states
-                times[lib_name] = {"quantize": t_q, "dequantize": t_dq}
-            except Exception as e:  # one library failing must not end the run
-                print(f"WARNING {label}: {lib_name} failed: {e!r}", file=sys.stderr)
-                traceback.print_exc()
-                errors[lib_name] = repr(e)[:300]
-                times[lib_name] = {"quantize": (None, None), "dequantize": (None, None)}
-        for op in ("quantize", "dequantize"):
+            states = [quantize(lib, sources[0])]
+            states += [copy.deepcopy(states[0]) for _ in range(n_q - 1)]
+            calls = {
+                "quantize": [lambda W=W: quantize(lib, W) for W in sources],
+                "dequantize": [lambda p=p, s=s: lib.dequantize_4bit(p, s) for p, s in states],
+                # Into one reused output buffer (how a training step calls it): the kernel
+                # alone, without allocating and first-touching a new output.
+                "dequantize_into": [lambda p=p, s=s: lib.dequantize_4bit(p, s, out=out_buf)
+                                    for p, s in states],
+            }
+            times[lib_name] = {}
+            for op in OPS:
+                try:
+                    times[lib_name][op] = timer(calls[op])
+                except Exception as e:  # one library or op failing must not end the run
+                    print(f"WARNING {label}: {lib_name} {op} failed: {str(e).splitlines()[0][:200]}",
+                          file=sys.stderr)
+                    errors[f"{lib_name} {op}"] = repr(e)[:300]
+                    times[lib_name][op] = (None, None)
+            del states, calls
+        del out_buf
+        for op in OPS:
             t_fb, t_fb_min = times["fourbit"][op]
             t_bnb, t_bnb_min = times.get("bitsandbytes", {}).get(op, (None, None))
             rows.append({
@@ -365,7 +378,7 @@ def fmt(x: Optional[float], spec: str, suffix: str = "") -> str:
 
 
 def match_cell(row: dict) -> str:
-    key = "dequant_equal_bnb" if row["op"] == "dequantize" else "quant_bytes_equal_bnb"
+    key = "quant_bytes_equal_bnb" if row["op"] == "quantize" else "dequant_equal_bnb"
     if key not in row:
         return "n/a"
     return "yes" if row[key] else "NO"

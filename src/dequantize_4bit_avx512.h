@@ -11,11 +11,13 @@ namespace detail {
 // True if this CPU has AVX-512 F + BW and FOURBIT_DISABLE_AVX512 is unset (checked once).
 bool cpu_has_avx512bw();
 
-// Dequantizes the first floor(len / 32) * 32 elements of one scale block:
-// out[i] = round(code[nibble_i] * scale) to `dtype`. Returns how many elements it wrote;
-// the caller finishes the rest. Only call when cpu_has_avx512bw().
-int64_t dequantize_block_avx512(const uint8_t* packed, int64_t len, float scale,
-                                const float* code, DType dtype, void* out);
+// Dequantizes elements [0, len) of consecutive scale blocks starting at a block boundary
+// (block b has scale scales[b]): out[i] = round(code[nibble_i] * scale) to `dtype`.
+// Stops at the first block whose length is not a multiple of 32 (only a partial last
+// block can be) and returns how many elements it wrote; the caller finishes the rest.
+// Only call when cpu_has_avx512bw().
+int64_t dequantize_blocks_avx512(const uint8_t* packed, int64_t len, int64_t blocksize,
+                                 const float* scales, const float* code, DType dtype, void* out);
 
 }  // namespace detail
 }  // namespace fourbit

@@ -101,31 +101,48 @@ inline float block_scale(const BlockScales& s, int64_t b) {
   return decoded + *s.offset;
 }
 
+// Scale blocks per parallel task: enough work to amortise the scale decode and the call
+// into the vector path, small enough (<= 256 x 4096 elements) to balance across threads.
+constexpr int64_t kBlocksPerTask = 256;
+
 template <typename T>
 void dequantize_4bit_typed(const Dequantize4bitParams& p) {
   T* out = static_cast<T*>(p.out);
   const float* code = codebook_4bit(p.quant_type).data();
   const int64_t blocks = num_blocks(p.numel, p.blocksize);
+  const int64_t tasks = (blocks + kBlocksPerTask - 1) / kBlocksPerTask;
   const bool use_avx512 = detail::cpu_has_avx512bw();
 #pragma omp parallel for schedule(static) if (p.numel >= kParallelMinElements)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const float scale = block_scale(p.scales, b);
-    T table[kCodebook4bitSize];
-    for (int k = 0; k < kCodebook4bitSize; ++k) table[k] = detail::from_float<T>(code[k] * scale);
-    const int64_t start = b * p.blocksize;
-    const int64_t len = std::min(p.blocksize, p.numel - start);
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t first_block = task * kBlocksPerTask;
+    const int64_t n_blocks = std::min(kBlocksPerTask, blocks - first_block);
+    float scales[kBlocksPerTask];
+    for (int64_t i = 0; i < n_blocks; ++i) scales[i] = block_scale(p.scales, first_block + i);
+    const int64_t start = first_block * p.blocksize;
+    const int64_t len = std::min(n_blocks * p.blocksize, p.numel - start);
     const uint8_t* bytes = p.packed + start / 2;
     T* dst = out + start;
-    // Whole 32-element chunks take the vector path where the CPU has one.
-    const int64_t done =
-        use_avx512 ? detail::dequantize_block_avx512(bytes, len, scale, code, p.out_dtype, dst) : 0;
-    const int64_t pairs = len / 2;
-    for (int64_t j = done / 2; j < pairs; ++j) {
-      const uint8_t byte = bytes[j];
-      dst[2 * j] = table[byte >> 4];
-      dst[2 * j + 1] = table[byte & 0x0f];
+    // Whole 32-element chunks take the vector path where the CPU has one; the rest (all of
+    // it without AVX-512, else at most the ragged end of a partial last block) uses a
+    // per-block table of the 16 finished output values.
+    int64_t done = use_avx512 ? detail::dequantize_blocks_avx512(bytes, len, p.blocksize, scales,
+                                                                  code, p.out_dtype, dst)
+                              : 0;
+    while (done < len) {
+      const int64_t b = done / p.blocksize;
+      const int64_t block_end = std::min((b + 1) * p.blocksize, len);
+      T table[kCodebook4bitSize];
+      for (int k = 0; k < kCodebook4bitSize; ++k) table[k] = detail::from_float<T>(code[k] * scales[b]);
+      for (; done + 1 < block_end; done += 2) {
+        const uint8_t byte = bytes[done / 2];
+        dst[done] = table[byte >> 4];
+        dst[done + 1] = table[byte & 0x0f];
+      }
+      if (done < block_end) {  // odd numel: the last element is a high nibble alone
+        dst[done] = table[bytes[done / 2] >> 4];
+        ++done;
+      }
     }
-    if (len % 2) dst[len - 1] = table[bytes[pairs] >> 4];
   }
 }
 
