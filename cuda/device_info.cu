@@ -1,21 +1,31 @@
-// Device properties the launchers size their grids by.
+// Device properties the launchers size their grids by (cached per device).
+#include <atomic>
+
 #include "common.cuh"
 
 namespace fourbit {
 namespace cuda {
 
+namespace {
+constexpr int kMaxDevices = 64;
+// Multiprocessor count per device ordinal; 0 = not read yet.
+std::atomic<int> sm_count_cache[kMaxDevices];
+}  // namespace
+
 int max_grid_blocks() {
   int device = 0;
   FOURBIT_CUDA_CHECK(cudaGetDevice(&device));
-  int sms = 0;
-  FOURBIT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int sms = device < kMaxDevices ? sm_count_cache[device].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    FOURBIT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (device < kMaxDevices) sm_count_cache[device].store(sms, std::memory_order_relaxed);
+  }
   // 32 CTAs of 256 threads per SM: several waves of full occupancy for grid-stride loops.
   return sms * 32;
 }
 
 }  // namespace cuda
-}  // namespace fourbit
 
-namespace fourbit {
 bool built_with_cuda() { return true; }
+
 }  // namespace fourbit
