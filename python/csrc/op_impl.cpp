@@ -69,11 +69,6 @@ void check_packed(const at::Tensor& A, int64_t numel, at::IntArrayRef shape) {
             need);
 }
 
-QuantType quant_type_arg(const std::string& name) {
-  CHECK_ARG(name == "nf4" || name == "fp4", "quant_type must be 'nf4' or 'fp4', got '", name, "'");
-  return parse_quant_type(name);
-}
-
 // Runs a core call, turning fourbit::Error into ValueError (argument) or RuntimeError.
 template <typename Fn>
 void run_core(Fn&& fn) {
@@ -83,6 +78,13 @@ void run_core(Fn&& fn) {
     if (e.kind() == Error::Kind::InvalidArgument) TORCH_CHECK_VALUE(false, e.what());
     TORCH_CHECK(false, e.what());
   }
+}
+
+// The core's parser, with its InvalidArgument surfaced as ValueError like every other check.
+QuantType quant_type_arg(const std::string& name) {
+  QuantType q{};
+  run_core([&] { q = parse_quant_type(name); });
+  return q;
 }
 
 void check_out(const at::Tensor& out, const at::Tensor& A, at::IntArrayRef shape,
