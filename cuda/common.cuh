@@ -33,6 +33,9 @@ constexpr int kThreadsPerBlock = 256;
 // Enough CTAs to fill every SM several times over; grid-stride loops cover the rest.
 int max_grid_blocks();
 
+// Compute capability of the current device as major * 10 + minor (90 for H100), cached.
+int compute_capability();
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -20,6 +20,7 @@
 #include "common.cuh"
 #include "fourbit/codebook.h"
 #include "fourbit/quantize.h"
+#include "weight_4bit.cuh"
 
 namespace fourbit {
 namespace cuda {
@@ -29,32 +30,10 @@ constexpr int kChunkElements = 32;  // elements per dequant thread: one 16-byte 
 constexpr int kWarpsPerQuantizeCta = 8;
 constexpr float kMinAbsmax = 1e-38f;
 
-struct Codebook4bit {
-  float values[kCodebook4bitSize];
-};
-
 struct Quantizer4bitArgs {
   float midpoints[kCodebook4bitSize - 1];
   uint8_t sorted_order[kCodebook4bitSize];
 };
-
-// Copies the kernel-parameter codebook to shared memory with compile-time indices (a
-// run-time index into a parameter array would force a local-memory copy per thread).
-__device__ __forceinline__ void load_codebook(const Codebook4bit& code, float* lut) {
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int k = 0; k < kCodebook4bitSize; ++k) lut[k] = code.values[k];
-  }
-  __syncthreads();
-}
-
-// fp32 scale of block b; the nested form uses two separate roundings like the CPU twin.
-__device__ __forceinline__ float block_scale(const BlockScales& s, int64_t b) {
-  if (s.absmax_q == nullptr) return s.absmax[b];
-  const float decoded =
-      __fmul_rn(s.nested_code[s.absmax_q[b]], s.nested_absmax[b / s.nested_blocksize]);
-  return __fadd_rn(decoded, *s.offset);
-}
 
 // Packs two output elements into 32 bits (16-bit types) for vector stores.
 template <typename T>
@@ -186,8 +165,6 @@ __global__ void quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q,
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 }  // namespace
 }  // namespace cuda
 
@@ -211,10 +188,8 @@ void quantize_4bit_cuda(const Quantize4bitParams& p, cudaStream_t stream) {
 void dequantize_4bit_cuda(const Dequantize4bitParams& p, cudaStream_t stream) {
   validate(p);
   if (p.numel == 0) return;
-  cuda::Codebook4bit code{};
-  const auto& values = codebook_4bit(p.quant_type);
-  for (int k = 0; k < kCodebook4bitSize; ++k) code.values[k] = values[k];
-  const bool vectorize = cuda::aligned16(p.packed) && cuda::aligned16(p.out);
+  const cuda::Codebook4bit code = cuda::codebook_arg(p.quant_type);
+  const bool vectorize = cuda::aligned_to(p.packed, 16) && cuda::aligned_to(p.out, 16);
   const int64_t full_chunks = vectorize ? p.numel / cuda::kChunkElements : 0;
   const int64_t scalar_from = full_chunks * cuda::kChunkElements;
   cuda::dispatch_dtype(p.out_dtype, [&](auto tag) {

@@ -40,8 +40,12 @@ tail -n 5 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
 
 step "compute-sanitizer memcheck on the CUDA kernels"
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$PY" -m pytest tests/python/test_cuda.py -q -x -p no:cacheprovider >"$OUT/sanitizer.log" 2>&1
+  # The quantize kernels in full; the matmul kernels on every algo for one format (memcheck
+  # slows kernels ~100x, so not the whole dtype x format grid).
+  timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$PY" -m pytest tests/python/test_cuda.py tests/python/test_matmul.py -q -x -p no:cacheprovider \
+    -k "not test_matmul or test_cuda_one_hot or (test_cuda_matches_reference and bfloat16 and nf4 and nested)" \
+    >"$OUT/sanitizer.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && status=1
   echo "memcheck exit code $rc" | tee -a "$OUT/summary.txt"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -n 3 | tee -a "$OUT/summary.txt"
 else
@@ -51,5 +55,10 @@ fi
 step "benchmark: quantize / dequantize vs bitsandbytes"
 "$PY" benchmarks/bench_quant.py --device cuda --json "$OUT/bench_quant.json" >"$OUT/bench_quant.md" 2>&1 || status=1
 cat "$OUT/bench_quant.md"
+
+step "benchmark: 4-bit matmul vs bitsandbytes vs torch bf16 (and each fourbit kernel)"
+"$PY" benchmarks/bench_matmul.py --device cuda --algos --json "$OUT/bench_matmul.json" \
+  >"$OUT/bench_matmul.md" 2>"$OUT/bench_matmul.log" || status=1
+cat "$OUT/bench_matmul.md"
 
 exit $status

@@ -1,5 +1,6 @@
 // CUDA entry points of a CPU-only build: each throws a clear Runtime error.
 #include "fourbit/error.h"
+#include "fourbit/gemm.h"
 #include "fourbit/quantize.h"
 
 namespace fourbit {
@@ -21,5 +22,9 @@ void quantize_blockwise_cuda(const QuantizeBlockwiseParams&, cudaStream_t) {
 }
 void dequantize_blockwise_cuda(const DequantizeBlockwiseParams&, cudaStream_t) {
   no_cuda("dequantize_blockwise_cuda");
+}
+void gemm_4bit_cuda(const Gemm4bitParams&, cudaStream_t, Gemm4bitAlgo) { no_cuda("gemm_4bit_cuda"); }
+void gemm_4bit_grad_input_cuda(const Gemm4bitGradInputParams&, cudaStream_t, Gemm4bitAlgo) {
+  no_cuda("gemm_4bit_grad_input_cuda");
 }
 }  // namespace fourbit

@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+
+#include "avx512_nibbles.h"
 #define FOURBIT_HAVE_AVX512_PATH 1
 #endif
 
@@ -33,36 +35,17 @@ bool cpu_has_avx512bw() {
   return has;
 }
 
+bool cpu_has_avx512bf16() {
+  static const bool has = cpu_has_avx512bw() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
 namespace {
-
-#define FOURBIT_AVX512 __attribute__((target("avx512f,avx512bw")))
-
-// 16 packed bytes -> 32 nibble indices in element order (high nibble first), one per
-// 16-bit lane: lane 2j = byte_j >> 4, lane 2j+1 = byte_j & 15.
-FOURBIT_AVX512 inline __m512i nibble_indices_epi16(const uint8_t* bytes) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  const __m512i hi = _mm512_srli_epi32(b, 4);
-  const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(0x0f));
-  return _mm512_or_si512(hi, _mm512_slli_epi32(lo, 16));
-}
-
-// fp32 -> bf16 with round-to-nearest-even and quiet NaN 0x7fc0 (as float_to_bf16),
-// results in the low 16 bits of each 32-bit lane.
-FOURBIT_AVX512 inline __m512i to_bf16_bits(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(
-      _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7fc0));
-}
 
 // The 16 finished 16-bit outputs of a block, in lanes 0..15 of a 32 x 16-bit register.
 FOURBIT_AVX512 inline __m512i table_16bit(const float* code, float scale, DType dtype) {
+  if (dtype == DType::BFloat16) return bf16_table(code, scale);
   const __m512 values = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
-  if (dtype == DType::BFloat16) {
-    return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(to_bf16_bits(values)));
-  }
   return _mm512_castsi256_si512(_mm512_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
@@ -115,6 +98,7 @@ FOURBIT_AVX512 int64_t dequantize_blocks_avx512(const uint8_t* packed, int64_t l
 #else  // not x86-64 with GCC/Clang: no vector path
 
 bool cpu_has_avx512bw() { return false; }
+bool cpu_has_avx512bf16() { return false; }
 int64_t dequantize_blocks_avx512(const uint8_t*, int64_t, int64_t, const float*, const float*,
                                  DType, void*) {
   return 0;

@@ -11,6 +11,9 @@ namespace detail {
 // True if this CPU has AVX-512 F + BW and FOURBIT_DISABLE_AVX512 is unset (checked once).
 bool cpu_has_avx512bw();
 
+// True if cpu_has_avx512bw() and the CPU has AVX512_BF16 (bf16 dot products; checked once).
+bool cpu_has_avx512bf16();
+
 // Dequantizes elements [0, len) of consecutive scale blocks starting at a block boundary
 // (block b has scale scales[b]): out[i] = round(code[nibble_i] * scale) to `dtype`.
 // Stops at the first block whose length is not a multiple of 32 (only a partial last

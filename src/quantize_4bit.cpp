@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "block_scale.h"
 #include "dequantize_4bit_avx512.h"
 #include "element_io.h"
 #include "fourbit/codebook.h"
@@ -93,14 +94,6 @@ void quantize_4bit_typed(const Quantize4bitParams& p) {
   }
 }
 
-// fp32 scale of block b, decoding the double-quantized form when present.
-inline float block_scale(const BlockScales& s, int64_t b) {
-  if (!s.nested()) return s.absmax[b];
-  // Two separate fp32 roundings (multiply, then add), as bitsandbytes' two passes do.
-  const float decoded = s.nested_code[s.absmax_q[b]] * s.nested_absmax[b / s.nested_blocksize];
-  return decoded + *s.offset;
-}
-
 // Scale blocks per parallel task: enough work to amortise the scale decode and the call
 // into the vector path, small enough (<= 256 x 4096 elements) to balance across threads.
 constexpr int64_t kBlocksPerTask = 256;
@@ -117,7 +110,7 @@ void dequantize_4bit_typed(const Dequantize4bitParams& p) {
     const int64_t first_block = task * kBlocksPerTask;
     const int64_t n_blocks = std::min(kBlocksPerTask, blocks - first_block);
     float scales[kBlocksPerTask];
-    for (int64_t i = 0; i < n_blocks; ++i) scales[i] = block_scale(p.scales, first_block + i);
+    for (int64_t i = 0; i < n_blocks; ++i) scales[i] = detail::block_scale(p.scales, first_block + i);
     const int64_t start = first_block * p.blocksize;
     const int64_t len = std::min(n_blocks * p.blocksize, p.numel - start);
     const uint8_t* bytes = p.packed + start / 2;

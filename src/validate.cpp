@@ -1,6 +1,10 @@
-// Argument checks shared by the CPU and CUDA entry points of include/fourbit/quantize.h.
+// Argument checks shared by the CPU and CUDA entry points of include/fourbit/quantize.h
+// and include/fourbit/gemm.h.
+#include <cstdint>
+
 #include "fourbit/codebook.h"
 #include "fourbit/error.h"
+#include "fourbit/gemm.h"
 #include "fourbit/quantize.h"
 
 namespace fourbit {
@@ -31,7 +35,56 @@ void check_quant_type(QuantType q, const char* op) {
   FOURBIT_CHECK_ARG(v == 0 || v == 1, op, ": quant_type must be NF4 or FP4, got enum value ", v);
 }
 
+void check_scales(const BlockScales& s, int64_t numel, const char* op) {
+  if (s.nested()) {
+    FOURBIT_CHECK_ARG(s.absmax == nullptr, op,
+                      ": pass either absmax (plain) or absmax_q (nested), not both");
+    FOURBIT_CHECK_ARG(s.nested_blocksize > 0, op, ": nested_blocksize must be > 0, got ",
+                      s.nested_blocksize);
+    check_ptr(s.nested_code, numel, op, "nested_code");
+    check_ptr(s.nested_absmax, numel, op, "nested_absmax");
+    check_ptr(s.offset, numel, op, "offset");
+  } else {
+    check_ptr(s.absmax, numel, op, "absmax");
+  }
+}
+
+// The weight of a 4-bit product: sizes, format and pointers.
+void check_weight(const Weight4bit& w, const char* op) {
+  FOURBIT_CHECK_ARG(w.N >= 0, op, ": weight N (out_features) must be >= 0, got ", w.N);
+  FOURBIT_CHECK_ARG(w.K >= 0, op, ": weight K (in_features) must be >= 0, got ", w.K);
+  FOURBIT_CHECK_ARG(w.K == 0 || w.N <= INT64_MAX / w.K, op, ": weight N * K overflows int64 (N=",
+                    w.N, ", K=", w.K, ")");
+  check_blocksize(w.blocksize, op);
+  check_quant_type(w.quant_type, op);
+  const int64_t numel = w.N * w.K;
+  check_ptr(w.packed, numel, op, "weight.packed");
+  check_scales(w.scales, numel, op);
+}
+
+void check_rows(int64_t M, const char* op) {
+  FOURBIT_CHECK_ARG(M >= 0, op, ": M (rows of the activation) must be >= 0, got ", M);
+}
+
 }  // namespace
+
+void validate(const Gemm4bitParams& p) {
+  const char* op = "gemm_4bit";
+  check_weight(p.weight, op);
+  check_rows(p.M, op);
+  check_dtype(p.dtype, op, "dtype");
+  check_ptr(p.x, p.M * p.weight.K, op, "x");
+  check_ptr(p.y, p.M * p.weight.N, op, "y");
+}
+
+void validate(const Gemm4bitGradInputParams& p) {
+  const char* op = "gemm_4bit_grad_input";
+  check_weight(p.weight, op);
+  check_rows(p.M, op);
+  check_dtype(p.dtype, op, "dtype");
+  check_ptr(p.grad_output, p.M * p.weight.N, op, "grad_output");
+  check_ptr(p.grad_input, p.M * p.weight.K, op, "grad_input");
+}
 
 void validate(const Quantize4bitParams& p) {
   const char* op = "quantize_4bit";
@@ -52,18 +105,7 @@ void validate(const Dequantize4bitParams& p) {
   check_quant_type(p.quant_type, op);
   check_ptr(p.packed, p.numel, op, "packed");
   check_ptr(p.out, p.numel, op, "out");
-  const BlockScales& s = p.scales;
-  if (s.nested()) {
-    FOURBIT_CHECK_ARG(s.absmax == nullptr, op,
-                      ": pass either absmax (plain) or absmax_q (nested), not both");
-    FOURBIT_CHECK_ARG(s.nested_blocksize > 0, op, ": nested_blocksize must be > 0, got ",
-                      s.nested_blocksize);
-    check_ptr(s.nested_code, p.numel, op, "nested_code");
-    check_ptr(s.nested_absmax, p.numel, op, "nested_absmax");
-    check_ptr(s.offset, p.numel, op, "offset");
-  } else {
-    check_ptr(s.absmax, p.numel, op, "absmax");
-  }
+  check_scales(p.scales, p.numel, op);
 }
 
 void validate(const QuantizeBlockwiseParams& p) {

@@ -2,90 +2,11 @@
 // Every user error is a ValueError (TORCH_CHECK_VALUE) that names the argument and value.
 #include "op_impl.h"
 
-#include <c10/util/Exception.h>
-
-#include "fourbit/codebook.h"
-#include "fourbit/error.h"
+#include "checks.h"
 
 namespace fourbit {
 namespace binding {
 namespace {
-
-#define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
-
-DType to_core_dtype(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat: return DType::Float32;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    default: break;
-  }
-  TORCH_CHECK_VALUE(false, name, " must be torch.float32, torch.float16 or torch.bfloat16, got ",
-                    t);
-}
-
-void check_on_device_of(const at::Tensor& t, const char* name, const at::Tensor& A) {
-  CHECK_ARG(t.device() == A.device(), name, " is on ", t.device(), " but A is on ", A.device());
-}
-
-void check_contiguous(const at::Tensor& t, const char* name) {
-  CHECK_ARG(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides(),
-            " for shape ", t.sizes());
-}
-
-void check_dtype(const at::Tensor& t, const char* name, at::ScalarType expected) {
-  CHECK_ARG(t.scalar_type() == expected, name, " must have dtype ", expected, ", got ",
-            t.scalar_type());
-}
-
-void check_numel(const at::Tensor& t, const char* name, int64_t expected, const char* why) {
-  CHECK_ARG(t.numel() == expected, name, " must have ", expected, " elements (", why, "), got ",
-            t.numel(), " (shape ", t.sizes(), ")");
-}
-
-void check_blocksize(int64_t blocksize, const char* name = "blocksize") {
-  CHECK_ARG(is_valid_blocksize(blocksize), name, " must be one of 32, 64, 128, 256, 512, 1024, "
-            "2048, 4096, got ", blocksize);
-}
-
-// Number of elements of `shape`, rejecting negative sizes.
-int64_t checked_numel(at::IntArrayRef shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) {
-    CHECK_ARG(d >= 0, "shape must have non-negative sizes, got ", shape);
-    n *= d;
-  }
-  return n;
-}
-
-void check_packed(const at::Tensor& A, int64_t numel, at::IntArrayRef shape) {
-  check_contiguous(A, "A");
-  // quant_storage wider than a byte pads the codes to whole elements: allow that slack only.
-  const int64_t itemsize = static_cast<int64_t>(A.element_size());
-  const int64_t have = A.numel() * itemsize;
-  const int64_t need = (numel + 1) / 2;
-  CHECK_ARG(have >= need && have - need < itemsize, "A holds ", have,
-            " bytes of packed 4-bit codes, but shape ", shape, " (", numel, " elements) needs ",
-            need);
-}
-
-// Runs a core call, turning fourbit::Error into ValueError (argument) or RuntimeError.
-template <typename Fn>
-void run_core(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    if (e.kind() == Error::Kind::InvalidArgument) TORCH_CHECK_VALUE(false, e.what());
-    TORCH_CHECK(false, e.what());
-  }
-}
-
-// The core's parser, with its InvalidArgument surfaced as ValueError like every other check.
-QuantType quant_type_arg(const std::string& name) {
-  QuantType q{};
-  run_core([&] { q = parse_quant_type(name); });
-  return q;
-}
 
 void check_out(const at::Tensor& out, const at::Tensor& A, at::IntArrayRef shape,
                at::ScalarType dtype) {

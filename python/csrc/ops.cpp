@@ -1,6 +1,6 @@
-// fourbit._C: the op schemas (declared once, here) and the small pybind11 module.
-// Device impls live in ops_cpu.cpp / ops_cuda.cpp; fake (meta) kernels and autograd in
-// python/fourbit/_ops.py.
+// fourbit._C: the schemas of the quantization ops and the small pybind11 module.
+// Device impls live in ops_cpu.cpp / ops_cuda.cpp; the matmul ops (schemas and impls) in
+// gemm_ops*.cpp; fake (meta) kernels and autograd in python/fourbit/_ops.py.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>

@@ -9,7 +9,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C  # noqa: F401  (registers torch.ops.fourbit.*)
 from . import _ops  # noqa: F401  (fake kernels for torch.compile)
 from . import functional
-from .functional import QuantState
+from .functional import QuantState, matmul_4bit
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,4 @@ def built_with_cuda() -> bool:
     return _C.built_with_cuda()
 
 
-__all__ = ["functional", "QuantState", "built_with_cuda", "__version__"]
+__all__ = ["functional", "QuantState", "matmul_4bit", "built_with_cuda", "__version__"]

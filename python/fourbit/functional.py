@@ -402,7 +402,53 @@ def dequantize_fp4(A, quant_state=None, absmax=None, out=None, blocksize=None):
     return dequantize_4bit(A, quant_state, absmax, out, blocksize, "fp4")
 
 
+# ---------------------------------------------------------------------------- 4-bit matmul
+
+def _weight_args(B: torch.Tensor, quant_state: QuantState) -> tuple:
+    """The weight arguments of torch.ops.fourbit.gemm_4bit*: (W, absmax, nested_absmax,
+    nested_code, offset, blocksize, nested_blocksize, quant_type, N, K)."""
+    qs = quant_state
+    if qs.shape is None or len(qs.shape) != 2:
+        raise ValueError(f"quant_state.shape must be the 2-D weight shape [out_features, in_features], "
+                         f"got {None if qs.shape is None else list(qs.shape)}")
+    N, K = int(qs.shape[0]), int(qs.shape[1])
+    if qs.nested and qs.state2.dtype == torch.float32:
+        return (B, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.blocksize, qs.state2.blocksize,
+                qs.quant_type, N, K)
+    absmax = qs.absmax
+    if qs.nested:  # unusual state2 dtype: decode absmax in a separate pass
+        absmax = (dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+    return (B, absmax, None, None, None, qs.blocksize, NESTED_BLOCKSIZE, qs.quant_type, N, K)
+
+
+def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, out: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``A @ dequantize_4bit(B)^T + bias`` without materialising the dequantized weight.
+
+    Call-compatible with ``bitsandbytes.matmul_4bit``: ``B`` is the packed weight, passed
+    as stored (``[n, 1]``) or transposed (``B.t()``, what ``Linear4bit`` passes); either
+    way the weight is ``quant_state.shape`` = ``[out_features, in_features]`` and the
+    result has shape ``A.shape[:-1] + [out_features]`` and ``A``'s dtype. Products
+    accumulate in fp32 with the fp32-decoded weight (bitsandbytes rounds the weight to
+    ``A.dtype`` first, so results differ by at most that rounding). Differentiable in
+    ``A`` and ``bias``; the weight is frozen.
+    """
+    if quant_state is None:
+        raise ValueError("matmul_4bit needs the weight's quant_state, got None")
+    if not isinstance(A, torch.Tensor):
+        raise ValueError(f"A must be a tensor, got {type(A).__name__}")
+    _check_float_dtype(A.dtype, "A.dtype")
+    if bias is not None and bias.dtype != A.dtype:
+        bias = bias.to(A.dtype)
+    W, absmax, nested_absmax, nested_code, offset, *config = _weight_args(B, quant_state)
+    result = torch.ops.fourbit.gemm_4bit(A, W, absmax, nested_absmax, nested_code, offset, bias, *config)
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
 __all__ = [
     "QuantState", "get_4bit_type", "create_dynamic_map", "quantize_blockwise", "dequantize_blockwise",
     "quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4", "dequantize_nf4", "dequantize_fp4",
+    "matmul_4bit",
 ]

@@ -1,0 +1,25 @@
+// Launchers of the CUDA 4-bit matmul kernels; cuda/gemm_4bit.cu picks one per call.
+// Internal header.
+#pragma once
+
+#include "fourbit/gemm.h"
+
+namespace fourbit {
+namespace cuda {
+
+// Rows of X the gemv kernel takes at once (its per-warp accumulators are a register array
+// of this size); larger M loops over row groups, re-reading the weight per group.
+constexpr int64_t kGemvMaxRows = 8;
+
+// Y = X @ deq(W)^T + bias on CUDA cores, memory-bound on the packed weight (any dtype, any M).
+void launch_gemv_4bit(const Gemm4bitParams& p, cudaStream_t stream);
+
+// The tiled kernels: 64 x 64 output tiles, the weight tile dequantized into shared memory
+// inside the main loop. tensor_cores = true uses WMMA (fp16/bf16 only, sm80+); false uses
+// an fp32 CUDA-core tile (every dtype and architecture).
+void launch_tiled_4bit_forward(const Gemm4bitParams& p, bool tensor_cores, cudaStream_t stream);
+void launch_tiled_4bit_grad_input(const Gemm4bitGradInputParams& p, bool tensor_cores,
+                                  cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fourbit

@@ -1,0 +1,96 @@
+// The 4-bit matmul ops (gemm_4bit, gemm_4bit_grad_input): argument checks and the tensor ->
+// core params translation, shared by the CPU impl (gemm_ops.cpp) and the CUDA impl
+// (gemm_ops_cuda.cpp). Every user error is a ValueError naming the argument and value.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+#include "fourbit/gemm.h"
+
+namespace fourbit {
+namespace binding {
+
+// The weight arguments every 4-bit matmul op takes, in schema order.
+struct WeightArgs {
+  const at::Tensor& W;  // packed codes, any quant_storage dtype
+  const at::Tensor& absmax;
+  const std::optional<at::Tensor>& nested_absmax;
+  const std::optional<at::Tensor>& nested_code;
+  const std::optional<at::Tensor>& offset;
+  int64_t blocksize;
+  int64_t nested_blocksize;
+  const std::string& quant_type;
+  int64_t N;
+  int64_t K;
+};
+
+// A checked forward call: Y = X @ deq(W)^T + bias. `x` is X made contiguous; `y` is the
+// freshly allocated output of shape X.shape[:-1] + [N]; `params` points into both.
+struct ForwardCall {
+  std::string algo;
+  at::Tensor x;
+  at::Tensor bias;
+  at::Tensor y;
+  Gemm4bitParams params;
+};
+ForwardCall prepare_forward(const at::Tensor& X, const WeightArgs& w,
+                            const std::optional<at::Tensor>& bias);
+
+// A checked input-gradient call: dX = dY @ deq(W), dX of shape dY.shape[:-1] + [K].
+struct GradInputCall {
+  std::string algo;
+  at::Tensor grad_output;
+  at::Tensor grad_input;
+  Gemm4bitGradInputParams params;
+};
+GradInputCall prepare_grad_input(const at::Tensor& grad_output, const WeightArgs& w);
+
+// The kernel choice of the `algo` argument: the core's Gemm4bitAlgo plus the binding's
+// own dequantize + cuBLAS path.
+enum class GemmAlgo { Auto, Gemv, TensorCore, CudaCore, DequantCublas };
+GemmAlgo parse_gemm_algo(const std::string& name);
+
+// Registers both ops for one dispatch key: checks, then `run_forward` / `run_grad_input`
+// (the device's kernel choice), then returns the output. `Guard` is constructed from the
+// activation first (a CUDA device guard, or a no-op on the CPU).
+template <typename Guard, void (*run_forward)(const ForwardCall&),
+          void (*run_grad_input)(const GradInputCall&)>
+void register_gemm_impls(torch::Library& m) {
+  m.impl("gemm_4bit", [](const at::Tensor& X, const at::Tensor& W, const at::Tensor& absmax,
+                         const std::optional<at::Tensor>& nested_absmax,
+                         const std::optional<at::Tensor>& nested_code,
+                         const std::optional<at::Tensor>& offset,
+                         const std::optional<at::Tensor>& bias, int64_t blocksize,
+                         int64_t nested_blocksize, std::string quant_type, int64_t N, int64_t K,
+                         std::string algo) {
+    Guard guard(X);
+    const WeightArgs w{W, absmax, nested_absmax, nested_code, offset,
+                       blocksize, nested_blocksize, quant_type, N, K};
+    ForwardCall call = prepare_forward(X, w, bias);
+    call.algo = std::move(algo);
+    run_forward(call);
+    return call.y;
+  });
+  m.impl("gemm_4bit_grad_input",
+         [](const at::Tensor& grad_output, const at::Tensor& W, const at::Tensor& absmax,
+            const std::optional<at::Tensor>& nested_absmax,
+            const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+            int64_t blocksize, int64_t nested_blocksize, std::string quant_type, int64_t N,
+            int64_t K, std::string algo) {
+           Guard guard(grad_output);
+           const WeightArgs w{W, absmax, nested_absmax, nested_code, offset,
+                              blocksize, nested_blocksize, quant_type, N, K};
+           GradInputCall call = prepare_grad_input(grad_output, w);
+           call.algo = std::move(algo);
+           run_grad_input(call);
+           return call.grad_input;
+         });
+}
+
+}  // namespace binding
+}  // namespace fourbit
+

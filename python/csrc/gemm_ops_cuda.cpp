@@ -1,0 +1,104 @@
+// CUDA impl of the 4-bit matmul ops: the core's fused kernels, plus, for large M, a
+// one-pass dequantize into a temporary followed by cuBLAS (through ATen), which the core
+// cannot do because it does not link cuBLAS.
+//
+// Kernel choice for algo="auto" (the core's own Auto rule is in cuda/gemm_4bit.cu):
+//   M >= kCublasMinRows, or fp32 with M > the gemv limit  -> dequantize + cuBLAS
+//   otherwise                                             -> the core (gemv / tiled kernels)
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "checks.h"
+#include "gemm_ops.h"
+
+namespace {
+
+using fourbit::binding::ForwardCall;
+using fourbit::binding::GemmAlgo;
+using fourbit::binding::GradInputCall;
+
+// Activation rows from which cuBLAS (after the dequantize) takes over: at large M the GEMM
+// dominates and the one extra pass over the weight is a few percent of it. An estimate
+// from the H100 anchors (bitsandbytes' fused kernel loses to dequantize + cuBLAS above
+// M ~ 1536); to be tuned with benchmarks/bench_matmul.py on the GPU.
+constexpr int64_t kCublasMinRows = 1024;
+// Rows the core's gemv kernel takes at once (cuda/gemm_4bit_kernels.cuh).
+constexpr int64_t kGemvMaxRows = 8;
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// The weight dequantized to `dtype` in one pass (a fresh tensor; the caching allocator
+// hands back the same block call after call).
+at::Tensor dequantized_weight(const fourbit::Weight4bit& w, fourbit::DType dtype,
+                              const at::TensorOptions& options) {
+  at::Tensor out = at::empty({w.N, w.K}, options);
+  fourbit::Dequantize4bitParams d;
+  d.packed = w.packed;
+  d.scales = w.scales;
+  d.numel = w.N * w.K;
+  d.blocksize = w.blocksize;
+  d.quant_type = w.quant_type;
+  d.out = out.mutable_data_ptr();
+  d.out_dtype = dtype;
+  fourbit::binding::run_core([&] { fourbit::dequantize_4bit_cuda(d, current_stream()); });
+  return out;
+}
+
+fourbit::Gemm4bitAlgo core_algo(GemmAlgo algo) {
+  switch (algo) {
+    case GemmAlgo::Gemv: return fourbit::Gemm4bitAlgo::Gemv;
+    case GemmAlgo::TensorCore: return fourbit::Gemm4bitAlgo::TensorCore;
+    case GemmAlgo::CudaCore: return fourbit::Gemm4bitAlgo::CudaCore;
+    default: return fourbit::Gemm4bitAlgo::Auto;
+  }
+}
+
+bool use_cublas(GemmAlgo algo, int64_t M, fourbit::DType dtype) {
+  if (algo != GemmAlgo::Auto) return algo == GemmAlgo::DequantCublas;
+  return M >= kCublasMinRows || (dtype == fourbit::DType::Float32 && M > kGemvMaxRows);
+}
+
+void cuda_forward(const ForwardCall& call) {
+  const fourbit::Gemm4bitParams& p = call.params;
+  const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
+  if (p.M == 0 || p.weight.N == 0) return;
+  if (use_cublas(algo, p.M, p.dtype)) {
+    const at::Tensor w = dequantized_weight(p.weight, p.dtype, call.x.options());
+    const at::Tensor x2 = call.x.view({p.M, p.weight.K});
+    at::Tensor y2 = call.y.view({p.M, p.weight.N});
+    if (call.bias.defined()) {
+      at::addmm_out(y2, call.bias, x2, w.t());
+    } else {
+      at::mm_out(y2, x2, w.t());
+    }
+    return;
+  }
+  fourbit::binding::run_core(
+      [&] { fourbit::gemm_4bit_cuda(p, current_stream(), core_algo(algo)); });
+}
+
+void cuda_grad_input(const GradInputCall& call) {
+  const fourbit::Gemm4bitGradInputParams& p = call.params;
+  const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
+  if (p.M == 0 || p.weight.K == 0) return;
+  if (use_cublas(algo, p.M, p.dtype)) {
+    const at::Tensor w = dequantized_weight(p.weight, p.dtype, call.grad_output.options());
+    at::Tensor dx = call.grad_input.view({p.M, p.weight.K});
+    at::mm_out(dx, call.grad_output.view({p.M, p.weight.N}), w);
+    return;
+  }
+  fourbit::binding::run_core(
+      [&] { fourbit::gemm_4bit_grad_input_cuda(p, current_stream(), core_algo(algo)); });
+}
+
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
+  c10::cuda::CUDAGuard guard;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fourbit, CUDA, m) {
+  fourbit::binding::register_gemm_impls<DeviceGuard, &cuda_forward, &cuda_grad_input>(m);
+}

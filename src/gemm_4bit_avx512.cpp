@@ -1,0 +1,246 @@
+// AVX-512 inner kernels of the CPU 4-bit matmul.
+//
+// - decode_aligned_avx512: 16 packed bytes -> 32 fp32 weights with two vpermps lookups
+//   into a register holding the block's 16 finished values (code[k] * scale), so a weight
+//   costs a fraction of an instruction and never a scalar table walk.
+// - micro_kernel_avx512: an 8 x 32 fp32 output tile lives in 16 zmm registers for the
+//   whole reduction; each step loads one 32-wide row of B (2 loads) and broadcasts one A
+//   value per output row, 16 FMAs per 10 loads, so the FMA units, not memory, set the pace.
+// - dot_rows_avx512: up to 4 activation rows against one decoded weight row, 16 lanes per
+//   FMA, reduced once at the end (the gemv path for small M).
+// - *_bf16: the same three for bf16 activations on CPUs with AVX512_BF16: the weight is
+//   decoded to bf16 (vpermw from a 16-entry bf16 table, the same bits as dequantize_4bit)
+//   and multiplied with vdpbf16ps, 32 multiply-adds per instruction into fp32
+//   accumulators, twice the fp32 FMA rate. The micro-kernel's operands hold bf16 pairs
+//   along the reduction as 32-bit words ("VNNI" layout).
+//
+// Compiled for AVX-512 through function target attributes only, and called only after a
+// runtime CPU check (cpu_has_avx512bw()).
+#include "gemm_4bit_kernels.h"
+
+#include "block_scale.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "avx512_nibbles.h"
+#define FOURBIT_HAVE_AVX512_PATH 1
+// bf16 dot products (vdpbf16ps: 32 multiply-adds per instruction, fp32 accumulation).
+#define FOURBIT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#endif
+
+namespace fourbit {
+namespace detail {
+
+#ifdef FOURBIT_HAVE_AVX512_PATH
+
+FOURBIT_AVX512 void decode_aligned_avx512(const Weight4bit& w, const float* code, int64_t g,
+                                          int64_t len, float* out) {
+  // Element order within 16 bytes: lane 2j = high nibble of byte j, lane 2j+1 = low nibble.
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512 codes = _mm512_loadu_ps(code);
+  const __m512i low_mask = _mm512_set1_epi32(0x0f);
+  int64_t current_block = -1;
+  __m512 table = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += 32) {
+    const int64_t block = (g + i) / w.blocksize;  // 32 | blocksize: a chunk is in one block
+    if (block != current_block) {
+      table = _mm512_mul_ps(codes, _mm512_set1_ps(block_scale(w.scales, block)));
+      current_block = block;
+    }
+    const __m512i b = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + (g + i) / 2)));
+    const __m512i hi = _mm512_srli_epi32(b, 4);
+    const __m512i lo = _mm512_and_si512(b, low_mask);
+    _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, first, lo), table));
+    _mm512_storeu_ps(out + i + 16,
+                     _mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, second, lo), table));
+  }
+}
+
+namespace {
+
+template <int kRows>
+FOURBIT_AVX512 inline void micro_tile(int64_t R, const float* A, int64_t lda, const float* B,
+                                      int64_t ldb, float* C, int64_t ldc) {
+  __m512 c0[kRows], c1[kRows];
+  for (int i = 0; i < kRows; ++i) {
+    c0[i] = _mm512_loadu_ps(C + i * ldc);
+    c1[i] = _mm512_loadu_ps(C + i * ldc + 16);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const __m512 b0 = _mm512_loadu_ps(B + r * ldb);
+    const __m512 b1 = _mm512_loadu_ps(B + r * ldb + 16);
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + r]);
+      c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    _mm512_storeu_ps(C + i * ldc, c0[i]);
+    _mm512_storeu_ps(C + i * ldc + 16, c1[i]);
+  }
+}
+
+template <int kRows>
+FOURBIT_AVX512 inline void dot_tile(int64_t len, const float* x, int64_t ldx, const float* w,
+                                    float* acc) {
+  __m512 sum[kRows];
+  for (int m = 0; m < kRows; ++m) sum[m] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + i);
+    for (int m = 0; m < kRows; ++m) sum[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + i), wv, sum[m]);
+  }
+  if (i < len) {  // masked tail: lanes past len load nothing and add zero
+    const __mmask16 mask = static_cast<__mmask16>((1u << (len - i)) - 1);
+    const __m512 wv = _mm512_maskz_loadu_ps(mask, w + i);
+    for (int m = 0; m < kRows; ++m) {
+      sum[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + m * ldx + i), wv, sum[m]);
+    }
+  }
+  for (int m = 0; m < kRows; ++m) acc[m] += _mm512_reduce_add_ps(sum[m]);
+}
+
+}  // namespace
+
+FOURBIT_AVX512 void micro_kernel_avx512(int rows, int64_t R, const float* A, int64_t lda,
+                                        const float* B, int64_t ldb, float* C, int64_t ldc) {
+  switch (rows) {
+    case 8: micro_tile<8>(R, A, lda, B, ldb, C, ldc); return;
+    case 7: micro_tile<7>(R, A, lda, B, ldb, C, ldc); return;
+    case 6: micro_tile<6>(R, A, lda, B, ldb, C, ldc); return;
+    case 5: micro_tile<5>(R, A, lda, B, ldb, C, ldc); return;
+    case 4: micro_tile<4>(R, A, lda, B, ldb, C, ldc); return;
+    case 3: micro_tile<3>(R, A, lda, B, ldb, C, ldc); return;
+    case 2: micro_tile<2>(R, A, lda, B, ldb, C, ldc); return;
+    case 1: micro_tile<1>(R, A, lda, B, ldb, C, ldc); return;
+    default: return;
+  }
+}
+
+FOURBIT_AVX512 void dot_rows_avx512(int rows, int64_t len, const float* x, int64_t ldx,
+                                    const float* w, float* acc) {
+  for (int m = 0; m < rows; m += 4) {
+    switch (rows - m) {
+      case 1: dot_tile<1>(len, x + m * ldx, ldx, w, acc + m); break;
+      case 2: dot_tile<2>(len, x + m * ldx, ldx, w, acc + m); break;
+      case 3: dot_tile<3>(len, x + m * ldx, ldx, w, acc + m); break;
+      default: dot_tile<4>(len, x + m * ldx, ldx, w, acc + m); break;
+    }
+  }
+}
+
+FOURBIT_AVX512 void decode_aligned_bf16_avx512(const Weight4bit& w, const float* code, int64_t g,
+                                               int64_t len, uint16_t* out) {
+  int64_t current_block = -1;
+  __m512i table = _mm512_setzero_si512();
+  for (int64_t i = 0; i < len; i += 32) {
+    const int64_t block = (g + i) / w.blocksize;
+    if (block != current_block) {
+      table = bf16_table(code, block_scale(w.scales, block));
+      current_block = block;
+    }
+    _mm512_storeu_si512(out + i,
+                        _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g + i) / 2), table));
+  }
+}
+
+namespace {
+
+FOURBIT_AVX512_BF16 inline __m512bh load_bf16(const void* p) {
+  return (__m512bh)_mm512_loadu_si512(p);
+}
+
+template <int kRows>
+FOURBIT_AVX512_BF16 inline void micro_tile_bf16(int64_t pairs, const uint32_t* A, int64_t lda,
+                                                const uint32_t* B, int64_t ldb, float* C,
+                                                int64_t ldc) {
+  __m512 c0[kRows], c1[kRows];
+  for (int i = 0; i < kRows; ++i) {
+    c0[i] = _mm512_loadu_ps(C + i * ldc);
+    c1[i] = _mm512_loadu_ps(C + i * ldc + 16);
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b0 = load_bf16(B + p * ldb);
+    const __m512bh b1 = load_bf16(B + p * ldb + 16);
+    for (int i = 0; i < kRows; ++i) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A[i * lda + p]));
+      c0[i] = _mm512_dpbf16_ps(c0[i], a, b0);
+      c1[i] = _mm512_dpbf16_ps(c1[i], a, b1);
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    _mm512_storeu_ps(C + i * ldc, c0[i]);
+    _mm512_storeu_ps(C + i * ldc + 16, c1[i]);
+  }
+}
+
+template <int kRows>
+FOURBIT_AVX512_BF16 inline void dot_tile_bf16(int64_t len, const uint16_t* x, int64_t ldx,
+                                              const uint16_t* w, float* acc) {
+  __m512 sum[kRows];
+  for (int m = 0; m < kRows; ++m) sum[m] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    const __m512bh wv = load_bf16(w + i);
+    for (int m = 0; m < kRows; ++m) sum[m] = _mm512_dpbf16_ps(sum[m], load_bf16(x + m * ldx + i), wv);
+  }
+  if (i < len) {  // masked tail: lanes past len load zeros
+    const __mmask32 mask = static_cast<__mmask32>((uint32_t{1} << (len - i)) - 1);
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + i);
+    for (int m = 0; m < kRows; ++m) {
+      sum[m] = _mm512_dpbf16_ps(sum[m], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * ldx + i), wv);
+    }
+  }
+  for (int m = 0; m < kRows; ++m) acc[m] += _mm512_reduce_add_ps(sum[m]);
+}
+
+}  // namespace
+
+FOURBIT_AVX512_BF16 void micro_kernel_bf16_avx512(int rows, int64_t pairs, const uint32_t* A,
+                                                  int64_t lda, const uint32_t* B, int64_t ldb,
+                                                  float* C, int64_t ldc) {
+  switch (rows) {
+    case 8: micro_tile_bf16<8>(pairs, A, lda, B, ldb, C, ldc); return;
+    case 7: micro_tile_bf16<7>(pairs, A, lda, B, ldb, C, ldc); return;
+    case 6: micro_tile_bf16<6>(pairs, A, lda, B, ldb, C, ldc); return;
+    case 5: micro_tile_bf16<5>(pairs, A, lda, B, ldb, C, ldc); return;
+    case 4: micro_tile_bf16<4>(pairs, A, lda, B, ldb, C, ldc); return;
+    case 3: micro_tile_bf16<3>(pairs, A, lda, B, ldb, C, ldc); return;
+    case 2: micro_tile_bf16<2>(pairs, A, lda, B, ldb, C, ldc); return;
+    case 1: micro_tile_bf16<1>(pairs, A, lda, B, ldb, C, ldc); return;
+    default: return;
+  }
+}
+
+FOURBIT_AVX512_BF16 void dot_rows_bf16_avx512(int rows, int64_t len, const uint16_t* x,
+                                              int64_t ldx, const uint16_t* w, float* acc) {
+  for (int m = 0; m < rows; m += 4) {
+    switch (rows - m) {
+      case 1: dot_tile_bf16<1>(len, x + m * ldx, ldx, w, acc + m); break;
+      case 2: dot_tile_bf16<2>(len, x + m * ldx, ldx, w, acc + m); break;
+      case 3: dot_tile_bf16<3>(len, x + m * ldx, ldx, w, acc + m); break;
+      default: dot_tile_bf16<4>(len, x + m * ldx, ldx, w, acc + m); break;
+    }
+  }
+}
+
+#else  // no AVX-512 path on this compiler/CPU: never called (cpu_has_avx512bw() is false)
+
+void decode_aligned_avx512(const Weight4bit&, const float*, int64_t, int64_t, float*) {}
+void micro_kernel_avx512(int, int64_t, const float*, int64_t, const float*, int64_t, float*,
+                         int64_t) {}
+void dot_rows_avx512(int, int64_t, const float*, int64_t, const float*, float*) {}
+void decode_aligned_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, uint16_t*) {}
+void micro_kernel_bf16_avx512(int, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t,
+                              float*, int64_t) {}
+void dot_rows_bf16_avx512(int, int64_t, const uint16_t*, int64_t, const uint16_t*, float*) {}
+
+#endif
+
+}  // namespace detail
+}  // namespace fourbit

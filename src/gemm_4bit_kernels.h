@@ -1,0 +1,57 @@
+// Inner kernels of the CPU 4-bit matmul (src/gemm_4bit.cpp): weight decode, the register
+// micro-kernel and the gemv dot products, each in a portable and an AVX-512 flavour.
+// Internal header.
+#pragma once
+
+#include <cstdint>
+
+#include "fourbit/gemm.h"
+
+namespace fourbit {
+namespace detail {
+
+// Columns of the micro-kernel's output tile: two 16-float AVX-512 registers per row.
+constexpr int kMicroCols = 32;
+// Rows of the micro-kernel's output tile: 8 rows x 2 registers = 16 accumulators, which
+// leaves registers for the two B loads and the A broadcast.
+constexpr int kMicroRows = 8;
+
+// Decodes elements [g, g + len) of the flattened weight into fp32: out[i] =
+// code[nibble(g + i)] * scale((g + i) / blocksize), the same floats as dequantize_4bit.
+void decode_weight_span(const Weight4bit& w, const float* code, int64_t g, int64_t len,
+                        float* out);
+
+// C[rows][32] += A[rows][R] @ B[R][32] for rows <= kMicroRows (row strides lda, ldb, ldc).
+void micro_kernel(int rows, int64_t R, const float* A, int64_t lda, const float* B, int64_t ldb,
+                  float* C, int64_t ldc);
+
+// acc[m] += dot(x[m * ldx .. + len], w[0 .. len]) for m < rows.
+void dot_rows(int rows, int64_t len, const float* x, int64_t ldx, const float* w, float* acc);
+
+// AVX-512 versions (call only when cpu_has_avx512bw()). decode_aligned_avx512 needs
+// g % 32 == 0 and len % 32 == 0.
+void decode_aligned_avx512(const Weight4bit& w, const float* code, int64_t g, int64_t len,
+                           float* out);
+void micro_kernel_avx512(int rows, int64_t R, const float* A, int64_t lda, const float* B,
+                         int64_t ldb, float* C, int64_t ldc);
+void dot_rows_avx512(int rows, int64_t len, const float* x, int64_t ldx, const float* w,
+                     float* acc);
+
+// The bf16 flavour (call only when cpu_has_avx512bf16()): weights decoded to bf16 (the
+// bits dequantize_4bit gives), products of bf16 pairs accumulated in fp32.
+// decode_weight_span_bf16 works anywhere; decode_aligned_bf16_avx512 needs g % 32 == 0
+// and len % 32 == 0.
+void decode_weight_span_bf16(const Weight4bit& w, const float* code, int64_t g, int64_t len,
+                             uint16_t* out);
+void decode_aligned_bf16_avx512(const Weight4bit& w, const float* code, int64_t g, int64_t len,
+                                uint16_t* out);
+// C[rows][32] += sum_p A[i][p] . B[p][0..32), where A[i][p] and B[p][j] are 32-bit words
+// holding the bf16 pair of reduction rows 2p, 2p + 1.
+void micro_kernel_bf16_avx512(int rows, int64_t pairs, const uint32_t* A, int64_t lda,
+                              const uint32_t* B, int64_t ldb, float* C, int64_t ldc);
+// acc[m] += dot(x[m * ldx .. + len], w[0 .. len]) over bf16 values.
+void dot_rows_bf16_avx512(int rows, int64_t len, const uint16_t* x, int64_t ldx,
+                          const uint16_t* w, float* acc);
+
+}  // namespace detail
+}  // namespace fourbit

@@ -1,0 +1,344 @@
+// GoogleTest suite for the CPU 4-bit matmul (include/fourbit/gemm.h): the forward and the
+// input gradient against a float64 product with the fp32-dequantized weight, over shapes
+// that hit every path (gemv, blocked tiles and their remainders, odd K, blocks straddling
+// rows), every dtype, both codebooks, plain and nested scales; exact one-hot products;
+// and the argument errors.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "fourbit/codebook.h"
+#include "fourbit/gemm.h"
+#include "fourbit/quantize.h"
+#include "test_helpers.h"
+
+namespace {
+
+using fourbit::DType;
+using fourbit::QuantType;
+using fourbit_test::TypedBuffer;
+
+// A quantized weight with its scales, owning every buffer.
+struct QuantizedWeight {
+  int64_t N, K, blocksize;
+  QuantType quant_type;
+  bool nested;
+  std::vector<uint8_t> packed;
+  std::vector<float> absmax;
+  std::vector<uint8_t> absmax_q;
+  std::vector<float> nested_absmax;
+  std::vector<float> nested_code;
+  float offset = 0.0f;
+  std::vector<float> dequantized;  // fp32, [N * K]
+
+  QuantizedWeight(int64_t n, int64_t k, int64_t bs, QuantType q, bool nest, uint32_t seed)
+      : N(n), K(k), blocksize(bs), quant_type(q), nested(nest) {
+    const int64_t numel = N * K;
+    const auto values = fourbit_test::normal_data(numel, seed);
+    packed.resize(static_cast<size_t>((numel + 1) / 2));
+    absmax.resize(static_cast<size_t>(fourbit::num_blocks(numel, bs)));
+    fourbit::Quantize4bitParams qp;
+    qp.input = values.data();
+    qp.numel = numel;
+    qp.blocksize = bs;
+    qp.quant_type = q;
+    qp.packed = packed.data();
+    qp.absmax = absmax.data();
+    fourbit::quantize_4bit(qp);
+    if (nested) {
+      // Double quantization as bitsandbytes does it: mean offset, 8-bit blocks of 256.
+      double sum = 0;
+      for (float a : absmax) sum += a;
+      offset = static_cast<float>(sum / static_cast<double>(absmax.size()));
+      std::vector<float> centred(absmax.size());
+      for (size_t i = 0; i < absmax.size(); ++i) centred[i] = absmax[i] - offset;
+      const auto code = fourbit::create_dynamic_map(true);
+      nested_code.assign(code.begin(), code.end());
+      absmax_q.resize(absmax.size());
+      nested_absmax.resize(static_cast<size_t>(fourbit::num_blocks(absmax.size(), 256)));
+      fourbit::QuantizeBlockwiseParams bp;
+      bp.input = centred.data();
+      bp.numel = static_cast<int64_t>(centred.size());
+      bp.blocksize = 256;
+      bp.code = nested_code.data();
+      bp.out = absmax_q.data();
+      bp.absmax = nested_absmax.data();
+      fourbit::quantize_blockwise(bp);
+    }
+    dequantized.resize(static_cast<size_t>(numel));
+    fourbit::Dequantize4bitParams dp;
+    dp.packed = packed.data();
+    dp.scales = scales();
+    dp.numel = numel;
+    dp.blocksize = bs;
+    dp.quant_type = q;
+    dp.out = dequantized.data();
+    fourbit::dequantize_4bit(dp);
+  }
+
+  fourbit::BlockScales scales() const {
+    fourbit::BlockScales s;
+    if (nested) {
+      s.absmax_q = absmax_q.data();
+      s.nested_absmax = nested_absmax.data();
+      s.nested_code = nested_code.data();
+      s.offset = &offset;
+      s.nested_blocksize = 256;
+    } else {
+      s.absmax = absmax.data();
+    }
+    return s;
+  }
+
+  fourbit::Weight4bit view() const {
+    fourbit::Weight4bit w;
+    w.packed = packed.data();
+    w.scales = scales();
+    w.blocksize = blocksize;
+    w.quant_type = quant_type;
+    w.N = N;
+    w.K = K;
+    return w;
+  }
+};
+
+float unit_roundoff(DType d) {
+  switch (d) {
+    case DType::Float16: return std::ldexp(1.0f, -11);
+    case DType::BFloat16: return std::ldexp(1.0f, -8);
+    case DType::Float32: break;
+  }
+  return std::ldexp(1.0f, -24);
+}
+
+// |got - ref| <= u_out |ref| + (u_w + 4 sqrt(R) u_fp32) sum_r |a_r b_r| + tiny: the output
+// rounding, the weight rounded to bf16 before the multiply (u_w, bf16 activations only: the
+// AVX512_BF16 path) and an fp32 accumulation error that grows like sqrt(R) for blocked
+// sums (docs/kernels.md).
+void expect_close(const TypedBuffer& got, const std::vector<double>& ref,
+                  const std::vector<double>& abs_ref, int64_t R, DType dtype, const char* what) {
+  const double u32 = std::ldexp(1.0, -24);
+  int bad = 0;
+  for (size_t i = 0; i < ref.size() && bad < 5; ++i) {
+    const double u_w = dtype == DType::BFloat16 ? unit_roundoff(dtype) : 0.0;
+    const double tol = unit_roundoff(dtype) * std::fabs(ref[i]) +
+                       (u_w + 4.0 * std::sqrt(static_cast<double>(R) + 1.0) * u32) * abs_ref[i] +
+                       1e-30;
+    const double err = std::fabs(static_cast<double>(got.value(i)) - ref[i]);
+    if (!(err <= tol)) {
+      ADD_FAILURE() << what << ": element " << i << " got " << got.value(i) << " want " << ref[i]
+                    << " (err " << err << " > tol " << tol << ")";
+      ++bad;
+    }
+  }
+}
+
+struct Case {
+  int64_t M, N, K, blocksize;
+};
+
+// Shapes: gemv (M <= 4) and blocked (M > 4); column tiles of 128 with remainders; reduction
+// tiles of 256 with remainders; odd K; K not a multiple of the blocksize (blocks straddle
+// rows); N = 1.
+const Case kCases[] = {
+    {1, 64, 64, 64},   {3, 37, 96, 32},    {4, 130, 300, 64},  {5, 129, 257, 128},
+    {8, 1, 64, 64},    {9, 33, 33, 32},    {17, 200, 130, 64}, {1, 7, 1001, 64},
+    {6, 5, 7, 32},     {300, 70, 520, 256}, {2, 3, 4096, 4096}, {40, 256, 512, 64},
+};
+
+class GemmGrid : public ::testing::TestWithParam<std::tuple<DType, QuantType, bool>> {};
+
+TEST_P(GemmGrid, ForwardAndGradInputMatchFloat64Reference) {
+  const auto [dtype, quant_type, nested] = GetParam();
+  uint32_t seed = 7;
+  for (const Case& c : kCases) {
+    SCOPED_TRACE(::testing::Message() << "M=" << c.M << " N=" << c.N << " K=" << c.K
+                                      << " blocksize=" << c.blocksize);
+    const QuantizedWeight w(c.N, c.K, c.blocksize, quant_type, nested, seed++);
+    const auto x_values = fourbit_test::normal_data(c.M * c.K, seed++);
+    const auto bias_values = fourbit_test::normal_data(c.N, seed++);
+    const TypedBuffer x = TypedBuffer::from_floats(dtype, x_values);
+    const TypedBuffer bias = TypedBuffer::from_floats(dtype, bias_values);
+
+    // Forward: Y = X W^T + bias.
+    TypedBuffer y(dtype, c.M * c.N);
+    fourbit::Gemm4bitParams p;
+    p.weight = w.view();
+    p.x = x.data();
+    p.bias = bias.data();
+    p.y = y.data();
+    p.M = c.M;
+    p.dtype = dtype;
+    fourbit::gemm_4bit(p);
+    std::vector<double> ref(c.M * c.N), abs_ref(c.M * c.N);
+    for (int64_t m = 0; m < c.M; ++m) {
+      for (int64_t n = 0; n < c.N; ++n) {
+        double s = bias.value(n), a = std::fabs(bias.value(n));
+        for (int64_t k = 0; k < c.K; ++k) {
+          const double t = static_cast<double>(x.value(m * c.K + k)) * w.dequantized[n * c.K + k];
+          s += t;
+          a += std::fabs(t);
+        }
+        ref[m * c.N + n] = s;
+        abs_ref[m * c.N + n] = a;
+      }
+    }
+    expect_close(y, ref, abs_ref, c.K, dtype, "forward");
+
+    // Input gradient: dX = dY W.
+    const TypedBuffer dy = TypedBuffer::from_floats(dtype, fourbit_test::normal_data(c.M * c.N, seed++));
+    TypedBuffer dx(dtype, c.M * c.K);
+    fourbit::Gemm4bitGradInputParams g;
+    g.weight = w.view();
+    g.grad_output = dy.data();
+    g.grad_input = dx.data();
+    g.M = c.M;
+    g.dtype = dtype;
+    fourbit::gemm_4bit_grad_input(g);
+    std::vector<double> gref(c.M * c.K), gabs(c.M * c.K);
+    for (int64_t m = 0; m < c.M; ++m) {
+      for (int64_t k = 0; k < c.K; ++k) {
+        double s = 0, a = 0;
+        for (int64_t n = 0; n < c.N; ++n) {
+          const double t = static_cast<double>(dy.value(m * c.N + n)) * w.dequantized[n * c.K + k];
+          s += t;
+          a += std::fabs(t);
+        }
+        gref[m * c.K + k] = s;
+        gabs[m * c.K + k] = a;
+      }
+    }
+    expect_close(dx, gref, gabs, c.N, dtype, "grad_input");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllFormats, GemmGrid,
+    ::testing::Combine(::testing::Values(DType::Float32, DType::Float16, DType::BFloat16),
+                       ::testing::Values(QuantType::NF4, QuantType::FP4), ::testing::Bool()));
+
+// One-hot activations pick out single weights: the products are exact, so fp32 outputs
+// equal the fp32-decoded weight and bf16 outputs its bf16 rounding, bit for bit. This pins
+// down the indexing of every element (any mix-up is a wrong value, not noise).
+TEST(Gemm4bit, OneHotRowsSelectWeightsExactly) {
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    for (int64_t M : {1, 4, 5, 37}) {
+      SCOPED_TRACE(::testing::Message() << "dtype=" << fourbit::to_string(dtype) << " M=" << M);
+      const int64_t N = 45, K = 67;  // odd K: blocks and bytes straddle rows
+      const QuantizedWeight w(N, K, 32, QuantType::NF4, true, 99);
+      std::vector<float> x(M * K, 0.0f), dy(M * N, 0.0f);
+      for (int64_t m = 0; m < M; ++m) {
+        x[m * K + (m * 13) % K] = 1.0f;
+        dy[m * N + (m * 7) % N] = 1.0f;
+      }
+      const TypedBuffer xb = TypedBuffer::from_floats(dtype, x);
+      const TypedBuffer dyb = TypedBuffer::from_floats(dtype, dy);
+      TypedBuffer y(dtype, M * N), dx(dtype, M * K);
+      fourbit::Gemm4bitParams p;
+      p.weight = w.view();
+      p.x = xb.data();
+      p.y = y.data();
+      p.M = M;
+      p.dtype = dtype;
+      fourbit::gemm_4bit(p);
+      fourbit::Gemm4bitGradInputParams g;
+      g.weight = w.view();
+      g.grad_output = dyb.data();
+      g.grad_input = dx.data();
+      g.M = M;
+      g.dtype = dtype;
+      fourbit::gemm_4bit_grad_input(g);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t n = 0; n < N; ++n) {
+          const float want = fourbit_test::round_to(dtype, w.dequantized[n * K + (m * 13) % K]);
+          ASSERT_EQ(y.value(m * N + n), want) << "m=" << m << " n=" << n;
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const float want = fourbit_test::round_to(dtype, w.dequantized[((m * 7) % N) * K + k]);
+          ASSERT_EQ(dx.value(m * K + k), want) << "m=" << m << " k=" << k;
+        }
+      }
+    }
+  }
+}
+
+// M = 0 writes nothing; K = 0 gives the bias (forward) and N = 0 gives zeros (gradient).
+TEST(Gemm4bit, EmptyDimensions) {
+  const QuantizedWeight w(3, 0, 64, QuantType::FP4, false, 1);
+  std::vector<float> bias = {1.5f, -2.0f, 0.25f};
+  std::vector<float> y(2 * 3, 123.0f);
+  fourbit::Gemm4bitParams p;
+  p.weight = w.view();
+  p.bias = bias.data();
+  p.y = y.data();
+  p.M = 2;
+  p.dtype = DType::Float32;
+  fourbit::gemm_4bit(p);
+  EXPECT_EQ(y, (std::vector<float>{1.5f, -2.0f, 0.25f, 1.5f, -2.0f, 0.25f}));
+
+  const QuantizedWeight w0(0, 5, 64, QuantType::FP4, false, 1);
+  std::vector<float> dx(2 * 5, 123.0f);
+  fourbit::Gemm4bitGradInputParams g;
+  g.weight = w0.view();
+  g.grad_input = dx.data();
+  g.M = 2;
+  g.dtype = DType::Float32;
+  fourbit::gemm_4bit_grad_input(g);
+  EXPECT_EQ(dx, std::vector<float>(10, 0.0f));
+
+  p.M = 0;
+  p.y = nullptr;
+  EXPECT_NO_THROW(fourbit::gemm_4bit(p));
+}
+
+TEST(Gemm4bit, RejectsBadArguments) {
+  using fourbit_test::throws_invalid;
+  const QuantizedWeight w(8, 64, 64, QuantType::NF4, false, 3);
+  std::vector<float> x(2 * 64), y(2 * 8);
+  auto make = [&] {
+    fourbit::Gemm4bitParams p;
+    p.weight = w.view();
+    p.x = x.data();
+    p.y = y.data();
+    p.M = 2;
+    p.dtype = DType::Float32;
+    return p;
+  };
+  auto p = make();
+  p.M = -1;
+  EXPECT_TRUE(throws_invalid([&] { fourbit::gemm_4bit(p); }, {"gemm_4bit", "M", "-1"}));
+  p = make();
+  p.weight.K = -3;
+  EXPECT_TRUE(throws_invalid([&] { fourbit::gemm_4bit(p); }, {"K", "-3"}));
+  p = make();
+  p.weight.blocksize = 48;
+  EXPECT_TRUE(throws_invalid([&] { fourbit::gemm_4bit(p); }, {"blocksize", "48"}));
+  p = make();
+  p.x = nullptr;
+  EXPECT_TRUE(throws_invalid([&] { fourbit::gemm_4bit(p); }, {"x", "null"}));
+  p = make();
+  p.weight.scales.absmax = nullptr;
+  EXPECT_TRUE(throws_invalid([&] { fourbit::gemm_4bit(p); }, {"absmax", "null"}));
+  p = make();
+  p.weight.N = int64_t{1} << 40;
+  p.weight.K = int64_t{1} << 40;
+  EXPECT_TRUE(throws_invalid([&] { fourbit::gemm_4bit(p); }, {"overflows"}));
+  fourbit::Gemm4bitGradInputParams g;
+  g.weight = w.view();
+  g.grad_output = nullptr;
+  g.grad_input = x.data();
+  g.M = 2;
+  EXPECT_TRUE(throws_invalid([&] { fourbit::gemm_4bit_grad_input(g); },
+                             {"gemm_4bit_grad_input", "grad_output", "null"}));
+}
+
+TEST(Gemm4bit, CudaEntryPointsThrowWithoutCuda) {
+  if (fourbit::built_with_cuda()) GTEST_SKIP() << "libfourbit was built with CUDA";
+  fourbit::Gemm4bitParams p;
+  EXPECT_TRUE(fourbit_test::throws_error([&] { fourbit::gemm_4bit_cuda(p, nullptr); },
+                                         fourbit::Error::Kind::Runtime, {"without CUDA"}));
+}
+
+}  // namespace
