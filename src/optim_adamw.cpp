@@ -23,6 +23,9 @@
 #include <array>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "element_io.h"
@@ -61,20 +64,95 @@ bool use_avx512() {
 #endif
 }
 
+// Buckets of the order-preserving key of an fp32 value (sign, exponent, 5 mantissa bits):
+// 16384 buckets of 2-byte entries = 32 KiB, and for the dynamic maps every bucket holds at
+// most a few codes, so a value's code is found with a handful of independent gathers.
+constexpr int kBucketShift = 18;
+constexpr int kNumBuckets = 1 << (32 - kBucketShift);
+// With more candidates per bucket than this, the bucket search is no faster than the
+// 8-step binary search, which is used instead.
+constexpr int kMaxBucketSpan = 6;
+
+// Monotone map from fp32 to uint32 (x < y  <=>  key(x) < key(y) for non-NaN values).
+inline uint32_t order_key(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline float from_order_key(uint32_t k) {
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
 // A 256-entry sorted map plus, per index, the first index holding the same value (so that
-// duplicated entries resolve to their first index, as quantize_blockwise does).
+// duplicated entries resolve to their first index, as quantize_blockwise does), and the
+// bucket table of the AVX-512 search: for every bucket of values, `lo` = the largest index
+// whose code is <= the bucket's smallest value (0 if none) and `span` = how many more codes
+// the bucket's values can pass. The search result for x in the bucket is then
+// lo + #{k in (lo, lo + max_span] : code[k] <= x}, identical to upper_bound - 1.
 struct Map8bit {
   const float* code = nullptr;
   std::array<int32_t, kDynamicMapSize> first_of{};
+  std::array<float, kDynamicMapSize + 16> padded{};  // code, then +inf (reads past the end)
+  std::vector<uint16_t> buckets;                     // lo | span << 8, + 2 bytes of padding
+  int max_span = 0;
 
-  void init(const float* c) {
-    code = c;
-    if (!c) return;
+  // Largest index with code <= x, or 0 (NaN: 0).
+  int floor_index(float x) const {
+    const int ub = static_cast<int>(std::upper_bound(code, code + kDynamicMapSize, x) - code);
+    return std::max(ub - 1, 0);
+  }
+
+  std::array<float, kDynamicMapSize> values{};  // a copy of the map (the cache owns it)
+
+  void init(const float* c, bool want_buckets) {
+    std::memcpy(values.data(), c, sizeof(float) * kDynamicMapSize);
+    code = values.data();
     for (int k = 0; k < kDynamicMapSize; ++k) {
       first_of[k] = (k > 0 && c[k] == c[k - 1]) ? first_of[k - 1] : k;
+      padded[k] = c[k];
+    }
+    for (int k = kDynamicMapSize; k < kDynamicMapSize + 16; ++k) padded[k] = INFINITY;
+    if (!want_buckets) return;
+
+    buckets.assign(kNumBuckets + 2, 0);
+    max_span = 0;
+    for (int b = 0; b < kNumBuckets; ++b) {
+      float lo_x = from_order_key(static_cast<uint32_t>(b) << kBucketShift);
+      float hi_x = from_order_key((static_cast<uint32_t>(b) << kBucketShift) | ((1u << kBucketShift) - 1));
+      if (std::isnan(lo_x) && std::isnan(hi_x)) continue;  // only NaNs: code 0, span 0
+      if (std::isnan(lo_x)) lo_x = -INFINITY;  // the NaN keys sit beyond +-inf
+      if (std::isnan(hi_x)) hi_x = INFINITY;
+      const int lo = floor_index(lo_x);
+      const int span = floor_index(hi_x) - lo;
+      max_span = std::max(max_span, span);
+      buckets[b] = static_cast<uint16_t>(lo | (std::min(span, 255) << 8));
     }
   }
 };
+
+// The prepared map for `code` (built once per distinct map content and kept: building the
+// bucket table costs about a millisecond, a step of a small group much less).
+std::shared_ptr<const Map8bit> prepared_map(const float* code, bool want_buckets) {
+  if (code == nullptr) return std::make_shared<Map8bit>();
+  constexpr size_t kMaxCached = 8;  // two maps per optimizer; a few distinct maps at most
+  static std::mutex mutex;
+  static std::vector<std::shared_ptr<Map8bit>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& m : cache) {
+    if (std::memcmp(m->values.data(), code, sizeof(float) * kDynamicMapSize) == 0 &&
+        (!want_buckets || !m->buckets.empty())) {
+      return m;
+    }
+  }
+  if (cache.size() >= kMaxCached) cache.erase(cache.begin());  // callers keep their shared_ptr
+  auto m = std::make_shared<Map8bit>();
+  m->init(code, want_buckets);
+  cache.push_back(m);
+  return m;
+}
 
 // ------------------------------------------------------------------ portable scalar path
 
@@ -176,16 +254,34 @@ FOURBIT_AVX512_FN void quantize_block_avx512(const float* s, int64_t len, const 
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 k = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1u);
     const __m512 x = _mm512_div_ps(_mm512_maskz_loadu_ps(k, s + i), amv);
-    __m512i pos = zero;
-    for (int step = 128; step >= 1; step >>= 1) {
-      const __m512i probe = _mm512_add_epi32(pos, _mm512_set1_epi32(step - 1));
-      const __m512 cv = _mm512_i32gather_ps(probe, map.code, 4);
-      const __mmask16 le = _mm512_cmp_ps_mask(cv, x, _CMP_LE_OQ);
-      pos = _mm512_mask_add_epi32(pos, le, pos, _mm512_set1_epi32(step));
+    __m512i idx;
+    if (map.max_span <= kMaxBucketSpan) {
+      // Bucket search: lo from the table, then count the candidate codes <= x (independent
+      // gathers, no dependency chain). Result: the largest index with code <= x (or 0).
+      const __m512i xi = _mm512_castps_si512(x);
+      const __m512i key = _mm512_mask_xor_epi32(_mm512_or_si512(xi, _mm512_set1_epi32(int(0x80000000u))),
+                                                _mm512_cmplt_epi32_mask(xi, zero), xi,
+                                                _mm512_set1_epi32(-1));
+      const __m512i bucket = _mm512_srli_epi32(key, kBucketShift);
+      const __m512i entry = _mm512_and_si512(_mm512_i32gather_epi32(bucket, map.buckets.data(), 2),
+                                             _mm512_set1_epi32(0xff));
+      idx = entry;
+      for (int k = 1; k <= map.max_span; ++k) {
+        const __m512 cv = _mm512_i32gather_ps(_mm512_add_epi32(entry, _mm512_set1_epi32(k)), map.padded.data(), 4);
+        idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(cv, x, _CMP_LE_OQ), idx, one);
+      }
+    } else {
+      __m512i pos = zero;
+      for (int step = 128; step >= 1; step >>= 1) {
+        const __m512i probe = _mm512_add_epi32(pos, _mm512_set1_epi32(step - 1));
+        const __m512 cv = _mm512_i32gather_ps(probe, map.code, 4);
+        const __mmask16 le = _mm512_cmp_ps_mask(cv, x, _CMP_LE_OQ);
+        pos = _mm512_mask_add_epi32(pos, le, pos, _mm512_set1_epi32(step));
+      }
+      idx = _mm512_max_epi32(_mm512_sub_epi32(pos, one), zero);
     }
-    __m512i idx = _mm512_max_epi32(_mm512_sub_epi32(pos, one), zero);
     const __m512 left = _mm512_i32gather_ps(idx, map.code, 4);
-    const __m512 right = _mm512_i32gather_ps(_mm512_add_epi32(idx, one), map.code, 4);
+    const __m512 right = _mm512_i32gather_ps(_mm512_add_epi32(idx, one), map.padded.data(), 4);
     const __m512 dl = _mm512_abs_ps(_mm512_sub_ps(x, left));
     const __m512 dr = _mm512_abs_ps(_mm512_sub_ps(x, right));
     idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(dr, dl, _CMP_LT_OQ), idx, one);
@@ -423,10 +519,9 @@ void adamw_step(const AdamWMultiTensorParams& p) {
     total_elements += t.numel;
   }
   if (jobs.empty()) return;
-  Map8bit map1, map2;
-  map1.init(p.qmap1);
-  map2.init(p.qmap2);
   const bool avx512 = use_avx512();
+  const std::shared_ptr<const Map8bit> map1 = prepared_map(p.qmap1, avx512);
+  const std::shared_ptr<const Map8bit> map2 = prepared_map(p.qmap2, avx512);
 #pragma omp parallel for schedule(static) if (total_elements >= kParallelMinElements)
   for (int64_t c = 0; c < total_chunks; ++c) {
     // The tensor whose chunk range holds c: last job with first_chunk <= c.
@@ -435,7 +530,7 @@ void adamw_step(const AdamWMultiTensorParams& p) {
     const TensorJob& job = *(it - 1);
     const int64_t local = c - job.first_chunk;
     detail::dispatch_dtype(job.t->dtype, [&](auto tag) {
-      run_chunk<decltype(tag)>(job, local, map1, map2, avx512);
+      run_chunk<decltype(tag)>(job, local, *map1, *map2, avx512);
     });
   }
 }

@@ -254,6 +254,67 @@ TEST(AdamW, SingleTensorMatchesReferenceBitForBit) {
   }
 }
 
+// Values that probe every decision of the nearest-code search in [-1, 1]: each code, each
+// midpoint between neighbours and their fp32 neighbours one and two ulps away, and the
+// bucket edges of the AVX-512 search (fp32 values whose low 18 bits are all 0 or all 1).
+std::vector<float> search_probes(const Code& code) {
+  std::vector<float> v;
+  for (int k = 0; k < fourbit::kDynamicMapSize; ++k) {
+    v.push_back(code[k]);
+    if (k + 1 < fourbit::kDynamicMapSize) {
+      float mid = (code[k] + code[k + 1]) / 2;
+      for (int u = 0; u < 2; ++u) {
+        v.push_back(mid);
+        v.push_back(std::nextafter(mid, 2.0f));
+        v.push_back(std::nextafter(mid, -2.0f));
+        mid = std::nextafter(mid, u == 0 ? 2.0f : -2.0f);
+      }
+    }
+  }
+  for (uint32_t hi = 0; hi < (1u << 14); ++hi) {
+    for (uint32_t low : {0u, (1u << 18) - 1}) {
+      const uint32_t bits = (hi << 18) | low;
+      float x;
+      std::memcpy(&x, &bits, 4);
+      if (std::isfinite(x) && std::fabs(x) <= 1.0f) v.push_back(x);
+    }
+  }
+  return v;
+}
+
+TEST(AdamW, EightBitCodesExactAtEverySearchDecision) {
+  // beta1 = beta2 = 0 makes the new states exactly m = g and v = g * g, so the probes reach
+  // the quantizer unchanged (block absmax pinned to 1 by a leading 1.0 in every block).
+  for (bool is_signed : {true, false}) {
+    const Code& code = is_signed ? signed_map() : unsigned_map();
+    std::vector<float> probes = search_probes(code);
+    std::vector<float> g;
+    for (size_t i = 0; i < probes.size(); ++i) {
+      if (g.size() % kBlock == 0) g.push_back(1.0f);
+      // For the unsigned map (state2 = g^2) feed square roots: g*g lands on or next to the probe.
+      g.push_back(is_signed ? probes[i] : std::sqrt(std::fabs(probes[i])));
+    }
+    const int64_t n = static_cast<int64_t>(g.size());
+    RefTensor ref = make_tensor(DType::Float32, n, true, 11);
+    ref.g = g;
+    LibTensor lib(ref);
+    lib.g = TypedBuffer::from_floats(DType::Float32, g);
+    AdamWHyperParams h = hyper(1e-3, 0.0);
+    h.beta1 = 0.0;
+    h.beta2 = 0.0;
+    reference_step(ref, h, 1, signed_map(), unsigned_map());
+    std::vector<AdamWTensor> table{lib.entry(ref, 1)};
+    fourbit::AdamWMultiTensorParams p;
+    p.tensors = table.data();
+    p.num_tensors = 1;
+    p.hyper = h;
+    p.qmap1 = signed_map().data();
+    p.qmap2 = unsigned_map().data();
+    fourbit::adamw_step(p);
+    expect_same(ref, lib, is_signed ? "signed probes" : "unsigned probes");
+  }
+}
+
 TEST(AdamW, MultiTensorTableEqualsPerTensorReference) {
   // A mixed group: every dtype, both state kinds, per-tensor step counts, an empty tensor.
   std::vector<RefTensor> refs;
