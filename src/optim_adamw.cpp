@@ -34,7 +34,9 @@
 #include "fourbit/optim.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// GCC 12's AVX-512 headers trip these on their own _mm512_undefined_*.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #define FOURBIT_OPTIM_AVX512 1
 #define FOURBIT_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
@@ -64,15 +66,6 @@ bool use_avx512() {
 #endif
 }
 
-// Buckets of the order-preserving key of an fp32 value (sign, exponent, 5 mantissa bits):
-// 16384 buckets of 2-byte entries = 32 KiB, and for the dynamic maps every bucket holds at
-// most a few codes, so a value's code is found with a handful of independent gathers.
-constexpr int kBucketShift = 18;
-constexpr int kNumBuckets = 1 << (32 - kBucketShift);
-// With more candidates per bucket than this, the bucket search is no faster than the
-// 8-step binary search, which is used instead.
-constexpr int kMaxBucketSpan = 6;
-
 // Monotone map from fp32 to uint32 (x < y  <=>  key(x) < key(y) for non-NaN values).
 inline uint32_t order_key(float x) {
   uint32_t u;
@@ -86,79 +79,34 @@ inline float from_order_key(uint32_t k) {
   return x;
 }
 
-// A 256-entry sorted map plus, per index, the first index holding the same value (so that
-// duplicated entries resolve to their first index, as quantize_blockwise does), and the
-// bucket table of the AVX-512 search: for every bucket of values, `lo` = the largest index
-// whose code is <= the bucket's smallest value (0 if none) and `span` = how many more codes
-// the bucket's values can pass. The search result for x in the bucket is then
-// lo + #{k in (lo, lo + max_span] : code[k] <= x}, identical to upper_bound - 1.
+// A 256-entry sorted map, prepared for the two search paths.
+//
+// Portable path: first_of[k] = the first index holding code[k]'s value (duplicates resolve
+// to their first index, as quantize_blockwise does).
+//
+// AVX-512 path: the nearest-code rule is a monotone step function of x, so it is fully
+// described by 255 thresholds: T[k] = the smallest fp32 x whose code is >= k (found once per
+// map by bisection over fp32 bit patterns with the scalar rule itself), and
+// code(x) = #{k >= 1 : T[k] <= x}, NaN -> 0. That count is an 8-level branchless binary
+// search whose level-L probes (2^L candidates) live in registers: levels 0-4 take one
+// permute, level 5 a two-register permute, levels 6 and 7 two and four of them plus blends.
+// No gathers, no memory lookups: ~35 register instructions per 16 values.
 struct Map8bit {
   const float* code = nullptr;
-  std::array<int32_t, kDynamicMapSize> first_of{};
-  std::array<float, kDynamicMapSize + 16> padded{};  // code, then +inf (reads past the end)
-  std::vector<uint16_t> buckets;                     // lo | span << 8, + 2 bytes of padding
-  int max_span = 0;
-
-  // Largest index with code <= x, or 0 (NaN: 0).
-  int floor_index(float x) const {
-    const int ub = static_cast<int>(std::upper_bound(code, code + kDynamicMapSize, x) - code);
-    return std::max(ub - 1, 0);
-  }
-
   std::array<float, kDynamicMapSize> values{};  // a copy of the map (the cache owns it)
+  std::array<int32_t, kDynamicMapSize> first_of{};
+  // levels[L][i] = T[(2i + 1) * (128 >> L)], with T[0] = -inf; 128 floats per level.
+  alignas(64) float levels[8][128] = {};
+  bool has_thresholds = false;
 
-  void init(const float* c, bool want_buckets) {
-    std::memcpy(values.data(), c, sizeof(float) * kDynamicMapSize);
-    code = values.data();
-    for (int k = 0; k < kDynamicMapSize; ++k) {
-      first_of[k] = (k > 0 && c[k] == c[k - 1]) ? first_of[k - 1] : k;
-      padded[k] = c[k];
-    }
-    for (int k = kDynamicMapSize; k < kDynamicMapSize + 16; ++k) padded[k] = INFINITY;
-    if (!want_buckets) return;
-
-    buckets.assign(kNumBuckets + 2, 0);
-    max_span = 0;
-    for (int b = 0; b < kNumBuckets; ++b) {
-      float lo_x = from_order_key(static_cast<uint32_t>(b) << kBucketShift);
-      float hi_x = from_order_key((static_cast<uint32_t>(b) << kBucketShift) | ((1u << kBucketShift) - 1));
-      if (std::isnan(lo_x) && std::isnan(hi_x)) continue;  // only NaNs: code 0, span 0
-      if (std::isnan(lo_x)) lo_x = -INFINITY;  // the NaN keys sit beyond +-inf
-      if (std::isnan(hi_x)) hi_x = INFINITY;
-      const int lo = floor_index(lo_x);
-      const int span = floor_index(hi_x) - lo;
-      max_span = std::max(max_span, span);
-      buckets[b] = static_cast<uint16_t>(lo | (std::min(span, 255) << 8));
-    }
-  }
+  void init(const float* c, bool want_thresholds);
 };
-
-// The prepared map for `code` (built once per distinct map content and kept: building the
-// bucket table costs about a millisecond, a step of a small group much less).
-std::shared_ptr<const Map8bit> prepared_map(const float* code, bool want_buckets) {
-  if (code == nullptr) return std::make_shared<Map8bit>();
-  constexpr size_t kMaxCached = 8;  // two maps per optimizer; a few distinct maps at most
-  static std::mutex mutex;
-  static std::vector<std::shared_ptr<Map8bit>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& m : cache) {
-    if (std::memcmp(m->values.data(), code, sizeof(float) * kDynamicMapSize) == 0 &&
-        (!want_buckets || !m->buckets.empty())) {
-      return m;
-    }
-  }
-  if (cache.size() >= kMaxCached) cache.erase(cache.begin());  // callers keep their shared_ptr
-  auto m = std::make_shared<Map8bit>();
-  m->init(code, want_buckets);
-  cache.push_back(m);
-  return m;
-}
 
 // ------------------------------------------------------------------ portable scalar path
 
 // Nearest code to x (ties to the lower index, duplicates to their first index, NaN -> 0):
 // the same result as quantize_blockwise's rule, found by the branchless search the
-// AVX-512 path uses (pos = number of codes <= x, capped at 255).
+// CUDA kernel uses (pos = number of codes <= x, capped at 255).
 inline uint8_t nearest_code(float x, const Map8bit& map) {
   if (std::isnan(x)) return 0;
   int pos = 0;
@@ -171,6 +119,55 @@ inline uint8_t nearest_code(float x, const Map8bit& map) {
   if (dist_right < dist_left) idx += 1;
   return static_cast<uint8_t>(map.first_of[idx]);
 }
+
+void Map8bit::init(const float* c, bool want_thresholds) {
+  std::memcpy(values.data(), c, sizeof(float) * kDynamicMapSize);
+  code = values.data();
+  for (int k = 0; k < kDynamicMapSize; ++k) {
+    first_of[k] = (k > 0 && c[k] == c[k - 1]) ? first_of[k - 1] : k;
+  }
+  if (!want_thresholds) return;
+  std::array<float, kDynamicMapSize> T;
+  T[0] = -INFINITY;
+  const uint32_t key_lo = order_key(-INFINITY), key_hi = order_key(INFINITY);
+  for (int k = 1; k < kDynamicMapSize; ++k) {
+    // Smallest key in [key_lo, key_hi] whose code is >= k (code(+inf) = 255 >= k).
+    uint32_t lo = key_lo, hi = key_hi;
+    while (lo < hi) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if (nearest_code(from_order_key(mid), *this) >= k) hi = mid; else lo = mid + 1;
+    }
+    T[k] = from_order_key(lo);
+  }
+  for (int L = 0; L < 8; ++L) {
+    const int step = 128 >> L;
+    for (int i = 0; i < (1 << L); ++i) levels[L][i] = T[(2 * i + 1) * step];
+  }
+  has_thresholds = true;
+}
+
+// The prepared map for `code` (built once per distinct map content and kept: building the
+// bucket table costs about a millisecond, a step of a small group much less).
+std::shared_ptr<const Map8bit> prepared_map(const float* code, bool want_thresholds) {
+  if (code == nullptr) return std::make_shared<Map8bit>();
+  constexpr size_t kMaxCached = 8;  // two maps per optimizer; a few distinct maps at most
+  static std::mutex mutex;
+  static std::vector<std::shared_ptr<Map8bit>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& m : cache) {
+    if (std::memcmp(m->values.data(), code, sizeof(float) * kDynamicMapSize) == 0 &&
+        (!want_thresholds || m->has_thresholds)) {
+      return m;
+    }
+  }
+  if (cache.size() >= kMaxCached) cache.erase(cache.begin());  // callers keep their shared_ptr
+  auto m = std::make_shared<Map8bit>();
+  m->init(code, want_thresholds);
+  cache.push_back(m);
+  return m;
+}
+
+// ------------------------------------------------------------------ portable scalar path
 
 // One block of the update on fp32 arrays, in place. p and g hold `len` values; m and v are
 // the (dequantized) moments. `bits8` picks the state formula (see the file comment).
@@ -239,6 +236,82 @@ FOURBIT_AVX512_FN void update_block_avx512(float* p, const float* g, float* m, f
   }
 }
 
+// The 8 probe levels of a map in registers (levels 0-3 padded into one register each).
+struct Levels {
+  __m512 l0, l1, l2, l3, l4, l5[2], l6[4], l7[8];
+};
+
+FOURBIT_AVX512_FN inline Levels load_levels(const Map8bit& map) {
+  Levels v;
+  v.l0 = _mm512_set1_ps(map.levels[0][0]);
+  v.l1 = _mm512_load_ps(map.levels[1]);
+  v.l2 = _mm512_load_ps(map.levels[2]);
+  v.l3 = _mm512_load_ps(map.levels[3]);
+  v.l4 = _mm512_load_ps(map.levels[4]);
+  for (int r = 0; r < 2; ++r) v.l5[r] = _mm512_load_ps(map.levels[5] + 16 * r);
+  for (int r = 0; r < 4; ++r) v.l6[r] = _mm512_load_ps(map.levels[6] + 16 * r);
+  for (int r = 0; r < 8; ++r) v.l7[r] = _mm512_load_ps(map.levels[7] + 16 * r);
+  return v;
+}
+
+// pos += step in the lanes where probe <= x.
+FOURBIT_AVX512_FN inline void advance_if_le(__m512i& pos, __m512 probe, __m512 x, int step) {
+  pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(probe, x, _CMP_LE_OQ), pos, _mm512_set1_epi32(step));
+}
+
+// code(x) = #{k >= 1 : T[k] <= x} by the 8-level search (NaN: every compare false -> 0).
+FOURBIT_AVX512_FN inline __m512i search_levels(__m512 x, const Levels& v) {
+  __m512i pos = _mm512_setzero_si512();
+#define advance(probe, step) advance_if_le(pos, (probe), x, (step))
+  advance(v.l0, 128);
+  advance(_mm512_permutexvar_ps(_mm512_srli_epi32(pos, 7), v.l1), 64);
+  advance(_mm512_permutexvar_ps(_mm512_srli_epi32(pos, 6), v.l2), 32);
+  advance(_mm512_permutexvar_ps(_mm512_srli_epi32(pos, 5), v.l3), 16);
+  advance(_mm512_permutexvar_ps(_mm512_srli_epi32(pos, 4), v.l4), 8);
+  advance(_mm512_permutex2var_ps(v.l5[0], _mm512_srli_epi32(pos, 3), v.l5[1]), 4);
+  {
+    const __m512i i = _mm512_srli_epi32(pos, 2);  // 0..63
+    const __m512 a = _mm512_permutex2var_ps(v.l6[0], i, v.l6[1]);
+    const __m512 b = _mm512_permutex2var_ps(v.l6[2], i, v.l6[3]);
+    advance(_mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), a, b), 2);
+  }
+  {
+    const __m512i i = _mm512_srli_epi32(pos, 1);  // 0..127
+    const __m512 a = _mm512_permutex2var_ps(v.l7[0], i, v.l7[1]);
+    const __m512 b = _mm512_permutex2var_ps(v.l7[2], i, v.l7[3]);
+    const __m512 c = _mm512_permutex2var_ps(v.l7[4], i, v.l7[5]);
+    const __m512 d = _mm512_permutex2var_ps(v.l7[6], i, v.l7[7]);
+    const __mmask16 b5 = _mm512_test_epi32_mask(i, _mm512_set1_epi32(32));
+    const __mmask16 b6 = _mm512_test_epi32_mask(i, _mm512_set1_epi32(64));
+    const __m512 lowhalf = _mm512_mask_blend_ps(b5, a, b);
+    const __m512 highhalf = _mm512_mask_blend_ps(b5, c, d);
+    advance(_mm512_mask_blend_ps(b6, lowhalf, highhalf), 1);
+  }
+#undef advance
+  return pos;
+}
+
+// out[i] = code[codes[i]] * absmax for one block: the 256-entry map sits in 16 registers and
+// each lookup is 8 two-register permutes (32 entries each) merged by index bits 5-7.
+FOURBIT_AVX512_FN void dequantize_block_avx512(const uint8_t* codes, int64_t len, const Map8bit& map,
+                                               float absmax, float* out) {
+  __m512 r[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(map.code + 16 * j);
+  const __m512 scale = _mm512_set1_ps(absmax);
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 k = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1u);
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, codes + i));
+    __m512 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm512_permutex2var_ps(r[2 * j], idx, r[2 * j + 1]);
+    const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+    const __m512 c0 = _mm512_mask_blend_ps(b6, _mm512_mask_blend_ps(b5, a[0], a[1]), _mm512_mask_blend_ps(b5, a[2], a[3]));
+    const __m512 c1 = _mm512_mask_blend_ps(b6, _mm512_mask_blend_ps(b5, a[4], a[5]), _mm512_mask_blend_ps(b5, a[6], a[7]));
+    _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(_mm512_mask_blend_ps(b7, c0, c1), scale));
+  }
+}
+
 FOURBIT_AVX512_FN void quantize_block_avx512(const float* s, int64_t len, const Map8bit& map,
                                              uint8_t* out, float* absmax) {
   __m512 acc = _mm512_setzero_ps();
@@ -250,43 +323,11 @@ FOURBIT_AVX512_FN void quantize_block_avx512(const float* s, int64_t len, const 
   const float am = _mm512_reduce_max_ps(acc);
   *absmax = am;
   const __m512 amv = _mm512_set1_ps(am);
-  const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
+  const Levels lv = load_levels(map);
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 k = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1u);
     const __m512 x = _mm512_div_ps(_mm512_maskz_loadu_ps(k, s + i), amv);
-    __m512i idx;
-    if (map.max_span <= kMaxBucketSpan) {
-      // Bucket search: lo from the table, then count the candidate codes <= x (independent
-      // gathers, no dependency chain). Result: the largest index with code <= x (or 0).
-      const __m512i xi = _mm512_castps_si512(x);
-      const __m512i key = _mm512_mask_xor_epi32(_mm512_or_si512(xi, _mm512_set1_epi32(int(0x80000000u))),
-                                                _mm512_cmplt_epi32_mask(xi, zero), xi,
-                                                _mm512_set1_epi32(-1));
-      const __m512i bucket = _mm512_srli_epi32(key, kBucketShift);
-      const __m512i entry = _mm512_and_si512(_mm512_i32gather_epi32(bucket, map.buckets.data(), 2),
-                                             _mm512_set1_epi32(0xff));
-      idx = entry;
-      for (int k = 1; k <= map.max_span; ++k) {
-        const __m512 cv = _mm512_i32gather_ps(_mm512_add_epi32(entry, _mm512_set1_epi32(k)), map.padded.data(), 4);
-        idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(cv, x, _CMP_LE_OQ), idx, one);
-      }
-    } else {
-      __m512i pos = zero;
-      for (int step = 128; step >= 1; step >>= 1) {
-        const __m512i probe = _mm512_add_epi32(pos, _mm512_set1_epi32(step - 1));
-        const __m512 cv = _mm512_i32gather_ps(probe, map.code, 4);
-        const __mmask16 le = _mm512_cmp_ps_mask(cv, x, _CMP_LE_OQ);
-        pos = _mm512_mask_add_epi32(pos, le, pos, _mm512_set1_epi32(step));
-      }
-      idx = _mm512_max_epi32(_mm512_sub_epi32(pos, one), zero);
-    }
-    const __m512 left = _mm512_i32gather_ps(idx, map.code, 4);
-    const __m512 right = _mm512_i32gather_ps(_mm512_add_epi32(idx, one), map.padded.data(), 4);
-    const __m512 dl = _mm512_abs_ps(_mm512_sub_ps(x, left));
-    const __m512 dr = _mm512_abs_ps(_mm512_sub_ps(x, right));
-    idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(dr, dl, _CMP_LT_OQ), idx, one);
-    idx = _mm512_i32gather_epi32(idx, map.first_of.data(), 4);
-    idx = _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), zero);  // NaN -> 0
+    const __m512i idx = search_levels(x, lv);
     _mm_mask_storeu_epi8(out + i, k, _mm512_cvtepi32_epi8(idx));
   }
 }
@@ -340,9 +381,17 @@ void run_chunk(const TensorJob& job, int64_t chunk, const Map8bit& map1, const M
       const uint8_t* c1 = static_cast<const uint8_t*>(t.state1) + start;
       const uint8_t* c2 = static_cast<const uint8_t*>(t.state2) + start;
       const float a1 = t.absmax1[b], a2 = t.absmax2[b];
-      for (int64_t i = 0; i < len; ++i) {
-        mbuf[i] = map1.code[c1[i]] * a1;
-        vbuf[i] = map2.code[c2[i]] * a2;
+#ifdef FOURBIT_OPTIM_AVX512
+      if (avx512) {
+        dequantize_block_avx512(c1, len, map1, a1, mbuf);
+        dequantize_block_avx512(c2, len, map2, a2, vbuf);
+      } else
+#endif
+      {
+        for (int64_t i = 0; i < len; ++i) {
+          mbuf[i] = map1.code[c1[i]] * a1;
+          vbuf[i] = map2.code[c2[i]] * a2;
+        }
       }
     } else {
       m = static_cast<float*>(t.state1) + start;
