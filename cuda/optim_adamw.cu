@@ -218,7 +218,7 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
       m[j] = __fmaf_rn(lerp_coeff, __fsub_rn(g[j], m[j]), small_weight ? m[j] : g[j]);
       v[j] = __fmaf_rn(__fmul_rn(c.one_minus_beta2, g[j]), g[j], __fmul_rn(v[j], c.beta2));
     }
-    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v[j]), c.bc2_sqrt), c.eps);
+    const float denom = __fadd_rn(__fsqrt_rn(v[j]), c.eps_scaled);
     p[j] = __fadd_rn(__fmul_rn(p[j], c.decay), __fdiv_rn(__fmul_rn(c.neg_step_size, m[j]), denom));
   }
   store8<T>(param, valid, vec, p);

@@ -16,7 +16,9 @@
 //                                               fma(-b1, g - m, g))
 //           v = fma((1-b2) * g, g, v * b2)     (torch's mul_ + addcmul_)
 //   8-bit:  m = m * b1 + g * (1-b1),  v = v * b2 + (1-b2) * (g * g)   (bitsandbytes)
-//   both:   p = p * (1 - lr*wd);  p = p + (-step_size * m) / (sqrt(v) / sqrt(1-b2^t) + eps)
+//   both:   p = p * (1 - lr*wd);  p = p + (-step_size * m) / (sqrt(v) + eps')
+//           with step_size = lr * sqrt(1-b2^t) / (1-b1^t), eps' = eps * sqrt(1-b2^t)
+//           (bitsandbytes' form: one sqrt and one division, the CPU's bottleneck)
 // sqrt and division are IEEE (correctly rounded); with the library's -ffp-contract=off the
 // only FMAs are the explicit ones above.
 #include <algorithm>
@@ -185,7 +187,7 @@ void update_block_scalar(float* p, const float* g, float* m, float* v, int64_t l
       mi = std::fma(lerp_coeff, gi - mi, small_weight ? mi : gi);
       vi = std::fma(c.one_minus_beta2 * gi, gi, vi * c.beta2);
     }
-    const float denom = std::sqrt(vi) / c.bc2_sqrt + c.eps;
+    const float denom = std::sqrt(vi) + c.eps_scaled;
     const float pi = p[i] * c.decay;
     p[i] = pi + (c.neg_step_size * mi) / denom;
     m[i] = mi;
@@ -208,31 +210,57 @@ void quantize_block_scalar(const float* s, int64_t len, const Map8bit& map, uint
 // ------------------------------------------------------------------ AVX-512 path
 #ifdef FOURBIT_OPTIM_AVX512
 
+// 16 lanes of the update; masked loads and stores only in the last partial vector (AMD
+// cores run masked full-width stores much slower than plain ones).
+template <bool Bits8, bool Tail>
+FOURBIT_AVX512_FN inline void update16(float* p, const float* g, float* m, float* v, __mmask16 k,
+                                       const AdamWCoefficients& c, bool small_weight) {
+  const __m512 gi = Tail ? _mm512_maskz_loadu_ps(k, g) : _mm512_loadu_ps(g);
+  __m512 mi = Tail ? _mm512_maskz_loadu_ps(k, m) : _mm512_loadu_ps(m);
+  __m512 vi = Tail ? _mm512_maskz_loadu_ps(k, v) : _mm512_loadu_ps(v);
+  const __m512 pin = Tail ? _mm512_maskz_loadu_ps(k, p) : _mm512_loadu_ps(p);
+  if (Bits8) {
+    mi = _mm512_add_ps(_mm512_mul_ps(mi, _mm512_set1_ps(c.beta1)), _mm512_mul_ps(gi, _mm512_set1_ps(c.one_minus_beta1)));
+    vi = _mm512_add_ps(_mm512_mul_ps(vi, _mm512_set1_ps(c.beta2)),
+                       _mm512_mul_ps(_mm512_set1_ps(c.one_minus_beta2), _mm512_mul_ps(gi, gi)));
+  } else {
+    const __m512 lerp_coeff = _mm512_set1_ps(small_weight ? c.one_minus_beta1 : c.one_minus_beta1 - 1.0f);
+    mi = _mm512_fmadd_ps(lerp_coeff, _mm512_sub_ps(gi, mi), small_weight ? mi : gi);
+    vi = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(c.one_minus_beta2), gi), gi,
+                         _mm512_mul_ps(vi, _mm512_set1_ps(c.beta2)));
+  }
+  const __m512 denom = _mm512_add_ps(_mm512_sqrt_ps(vi), _mm512_set1_ps(c.eps_scaled));
+  const __m512 pi = _mm512_mul_ps(pin, _mm512_set1_ps(c.decay));
+  const __m512 pout = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(c.neg_step_size), mi), denom));
+  if (Tail) {
+    _mm512_mask_storeu_ps(p, k, pout);
+    _mm512_mask_storeu_ps(m, k, mi);
+    _mm512_mask_storeu_ps(v, k, vi);
+  } else {
+    _mm512_storeu_ps(p, pout);
+    _mm512_storeu_ps(m, mi);
+    _mm512_storeu_ps(v, vi);
+  }
+}
+
+template <bool Bits8>
+FOURBIT_AVX512_FN void update_block_avx512_t(float* p, const float* g, float* m, float* v, int64_t len,
+                                             const AdamWCoefficients& c) {
+  const bool small_weight = std::fabs(c.one_minus_beta1) < 0.5f;
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) update16<Bits8, false>(p + i, g + i, m + i, v + i, 0xffff, c, small_weight);
+  if (i < len) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (len - i)) - 1u);
+    update16<Bits8, true>(p + i, g + i, m + i, v + i, k, c, small_weight);
+  }
+}
+
 FOURBIT_AVX512_FN void update_block_avx512(float* p, const float* g, float* m, float* v,
                                            int64_t len, const AdamWCoefficients& c, bool bits8) {
-  const bool small_weight = std::fabs(c.one_minus_beta1) < 0.5f;
-  const __m512 lerp_coeff = _mm512_set1_ps(small_weight ? c.one_minus_beta1 : c.one_minus_beta1 - 1.0f);
-  const __m512 beta1 = _mm512_set1_ps(c.beta1), omb1 = _mm512_set1_ps(c.one_minus_beta1);
-  const __m512 beta2 = _mm512_set1_ps(c.beta2), omb2 = _mm512_set1_ps(c.one_minus_beta2);
-  const __m512 bc2 = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps);
-  const __m512 decay = _mm512_set1_ps(c.decay), nss = _mm512_set1_ps(c.neg_step_size);
-  for (int64_t i = 0; i < len; i += 16) {
-    const __mmask16 k = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1u);
-    const __m512 gi = _mm512_maskz_loadu_ps(k, g + i);
-    __m512 mi = _mm512_maskz_loadu_ps(k, m + i);
-    __m512 vi = _mm512_maskz_loadu_ps(k, v + i);
-    if (bits8) {
-      mi = _mm512_add_ps(_mm512_mul_ps(mi, beta1), _mm512_mul_ps(gi, omb1));
-      vi = _mm512_add_ps(_mm512_mul_ps(vi, beta2), _mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)));
-    } else {
-      mi = _mm512_fmadd_ps(lerp_coeff, _mm512_sub_ps(gi, mi), small_weight ? mi : gi);
-      vi = _mm512_fmadd_ps(_mm512_mul_ps(omb2, gi), gi, _mm512_mul_ps(vi, beta2));
-    }
-    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2), eps);
-    const __m512 pi = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + i), decay);
-    _mm512_mask_storeu_ps(p + i, k, _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(nss, mi), denom)));
-    _mm512_mask_storeu_ps(m + i, k, mi);
-    _mm512_mask_storeu_ps(v + i, k, vi);
+  if (bits8) {
+    update_block_avx512_t<true>(p, g, m, v, len, c);
+  } else {
+    update_block_avx512_t<false>(p, g, m, v, len, c);
   }
 }
 
@@ -300,7 +328,8 @@ FOURBIT_AVX512_FN void dequantize_block_avx512(const uint8_t* codes, int64_t len
   const __m512 scale = _mm512_set1_ps(absmax);
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 k = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1u);
-    const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, codes + i));
+    const __m512i idx = _mm512_cvtepu8_epi32(k == 0xffff ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i))
+                                                         : _mm_maskz_loadu_epi8(k, codes + i));
     __m512 a[8];
     for (int j = 0; j < 8; ++j) a[j] = _mm512_permutex2var_ps(r[2 * j], idx, r[2 * j + 1]);
     const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
@@ -308,7 +337,12 @@ FOURBIT_AVX512_FN void dequantize_block_avx512(const uint8_t* codes, int64_t len
     const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
     const __m512 c0 = _mm512_mask_blend_ps(b6, _mm512_mask_blend_ps(b5, a[0], a[1]), _mm512_mask_blend_ps(b5, a[2], a[3]));
     const __m512 c1 = _mm512_mask_blend_ps(b6, _mm512_mask_blend_ps(b5, a[4], a[5]), _mm512_mask_blend_ps(b5, a[6], a[7]));
-    _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(_mm512_mask_blend_ps(b7, c0, c1), scale));
+    const __m512 value = _mm512_mul_ps(_mm512_mask_blend_ps(b7, c0, c1), scale);
+    if (k == 0xffff) {
+      _mm512_storeu_ps(out + i, value);  // masked stores are slow on AMD: only for the tail
+    } else {
+      _mm512_mask_storeu_ps(out + i, k, value);
+    }
   }
 }
 
@@ -328,7 +362,11 @@ FOURBIT_AVX512_FN void quantize_block_avx512(const float* s, int64_t len, const 
     const __mmask16 k = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1u);
     const __m512 x = _mm512_div_ps(_mm512_maskz_loadu_ps(k, s + i), amv);
     const __m512i idx = search_levels(x, lv);
-    _mm_mask_storeu_epi8(out + i, k, _mm512_cvtepi32_epi8(idx));
+    if (k == 0xffff) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(idx));
+    } else {
+      _mm_mask_storeu_epi8(out + i, k, _mm512_cvtepi32_epi8(idx));
+    }
   }
 }
 
@@ -451,9 +489,9 @@ AdamWCoefficients adamw_coefficients(const AdamWHyperParams& h, int64_t step) {
   c.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
   c.beta2 = static_cast<float>(h.beta2);
   c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
-  c.bc2_sqrt = static_cast<float>(std::pow(bc2, 0.5));
-  c.eps = static_cast<float>(h.eps);
-  c.neg_step_size = static_cast<float>(-(h.lr / bc1));
+  const double bc2_sqrt = std::sqrt(bc2);
+  c.eps_scaled = static_cast<float>(h.eps * bc2_sqrt);
+  c.neg_step_size = static_cast<float>(-(h.lr * bc2_sqrt / bc1));
   return c;
 }
 

@@ -8,12 +8,14 @@
 //   m  = beta1 * m + (1 - beta1) * g                 (first moment,  state1)
 //   v  = beta2 * v + (1 - beta2) * g * g             (second moment, state2)
 //   p  = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//      = p + (-lr * sqrt(1 - beta2^t) / (1 - beta1^t)) * m / (sqrt(v) + eps * sqrt(1 - beta2^t))
 //
 // with t the tensor's own step count (1 on its first step), as torch.optim.AdamW and
 // bitsandbytes compute it. The exact fp32 operation order is documented in docs/kernels.md:
-// the 32-bit path follows torch.optim.AdamW's CPU arithmetic (the first moment via a
-// lerp with one fused multiply-add), the 8-bit path bitsandbytes' (m * beta1 + g * (1 - beta1),
-// no FMA). The CPU and CUDA kernels give identical bits.
+// the 32-bit moments follow torch.optim.AdamW's CPU arithmetic (the first moment via a
+// lerp with one fused multiply-add), the 8-bit ones bitsandbytes' (m * beta1 + g * (1 - beta1),
+// no FMA); the parameter update is the second form above (bitsandbytes'), one square root
+// and one division per element. The CPU and CUDA kernels give identical bits.
 //
 // 8-bit states (bitsandbytes' blockwise "dynamic" optimizer): state1 and state2 are uint8
 // codes into two 256-entry sorted maps (qmap1 signed, qmap2 unsigned:
@@ -135,9 +137,8 @@ struct AdamWCoefficients {
   float one_minus_beta1;   // 1 - beta1
   float beta2;
   float one_minus_beta2;
-  float bc2_sqrt;          // sqrt(1 - beta2^t)
-  float eps;
-  float neg_step_size;     // -lr / (1 - beta1^t)
+  float eps_scaled;        // eps * sqrt(1 - beta2^t)
+  float neg_step_size;     // -lr * sqrt(1 - beta2^t) / (1 - beta1^t)
 };
 AdamWCoefficients adamw_coefficients(const AdamWHyperParams& h, int64_t step);
 

@@ -60,13 +60,14 @@ uint8_t reference_index(float s, const Code& code) {
 
 // The fp32 coefficients, computed here independently of the library.
 struct Coeff {
-  float decay, b1, omb1, b2, omb2, bc2s, eps, nss;
+  float decay, b1, omb1, b2, omb2, eps, nss;
 };
 Coeff coeff(const AdamWHyperParams& h, int64_t step) {
   const double bc1 = 1.0 - std::pow(h.beta1, double(step));
   const double bc2 = 1.0 - std::pow(h.beta2, double(step));
   return {float(1.0 - h.lr * h.weight_decay), float(h.beta1), float(1.0 - h.beta1), float(h.beta2),
-          float(1.0 - h.beta2), float(std::sqrt(bc2)), float(h.eps), float(-(h.lr / bc1))};
+          float(1.0 - h.beta2), float(h.eps * std::sqrt(bc2)),
+          float(-(h.lr * std::sqrt(bc2) / bc1))};
 }
 
 // Scalar reference of one tensor's step (fp32 math, params rounded to `dtype` on store).
@@ -97,7 +98,7 @@ void reference_step(RefTensor& t, const AdamWHyperParams& h, int64_t step, const
       m[i] = std::fma(c.omb1, g - m[i], m[i]);  // torch's lerp (weight 0.1 < 0.5)
       v[i] = std::fma(c.omb2 * g, g, v[i] * c.b2);
     }
-    const float denom = std::sqrt(v[i]) / c.bc2s + c.eps;
+    const float denom = std::sqrt(v[i]) + c.eps;
     const float p = t.p[i] * c.decay + (c.nss * m[i]) / denom;
     t.p[i] = fourbit_test::round_to(t.dtype, p);
   }

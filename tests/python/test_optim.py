@@ -151,7 +151,8 @@ def test_half_params_keep_fp32_states(dtype):
             m[i] = m[i].lerp(g, 1 - b1)
             v[i] = v[i] * b2 + (1 - b2) * g * g
             x = master[i] * (1 - lr * wd)
-            x = x - (lr / (1 - b1 ** step)) * m[i] / (v[i].sqrt() / math.sqrt(1 - b2 ** step) + eps)
+            bc2 = math.sqrt(1 - b2 ** step)
+            x = x + (-lr * bc2 / (1 - b1 ** step)) * m[i] / (v[i].sqrt() + eps * bc2)
             master[i] = x.to(dtype).float()  # the stored param is rounded every step
     for i, p in enumerate(params):
         assert opt.state[p]["state1"].dtype == torch.float32
