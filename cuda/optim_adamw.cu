@@ -11,7 +11,7 @@
 //   lane:   8 consecutive elements -> one 16-byte load of bf16/fp16 params and grads
 //           (two for fp32), one 8-byte load of each uint8 state
 //
-// A CTA finds its tensor by a binary search over first_chunk (a few cached loads), so
+// A CTA finds its tensor by a binary search over first_chunk (kept in shared memory), so
 // hundreds of LoRA tensors of different sizes and dtypes share one launch without padding.
 // 8-bit: the block's new absmax is a warp-shuffle max (no shared memory, no second pass),
 // and each value's nearest code is an 8-step branchless search over the map in shared memory.
@@ -36,6 +36,9 @@ constexpr int kWarpsPerCta = 8;
 constexpr int kElementsPerLane = 8;  // 16 bytes of bf16: one vector load per lane
 constexpr int64_t kBlock = kAdamW8bitBlocksize;  // = 32 lanes x 8 elements
 constexpr int64_t kChunkElements = kWarpsPerCta * kBlock;
+// Tables up to this many tensors keep their first_chunk column in shared memory (8 KiB), so
+// a CTA finds a chunk's tensor with ~11 shared-memory loads instead of dependent L2 loads.
+constexpr int kSmemTableEntries = 2048;
 static_assert(32 * kElementsPerLane == kBlock, "a warp covers exactly one absmax block");
 
 // One tensor of the device-side table.
@@ -251,9 +254,10 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
   store_codes(static_cast<uint8_t*>(e.state2) + first, valid, vec, q2);
 }
 
-// No min-CTAs bound: capping registers at 64 (4 CTAs/SM) spills the 8-bit path (measured
-// with -Xptxas -v: 80 registers, no spills, 3 CTAs = 24 warps per SM).
-__global__ void __launch_bounds__(kWarpsPerCta * 32)
+// At least 2 CTAs (16 warps) per SM: ptxas then keeps everything in 96 registers without
+// spills (-Xptxas -v, sm_80 and sm_90a); 16 warps x 8 elements x ~80 bytes per lane keep
+// ~64 KiB of loads in flight per SM, several times what HBM latency x bandwidth needs.
+__global__ void __launch_bounds__(kWarpsPerCta * 32, 2)
     adamw_multi_tensor_kernel(const DeviceEntry* __restrict__ table, int num_entries,
                               int64_t total_chunks, const float* qmap1_g, const float* qmap2_g) {
   __shared__ float qmap1[kDynamicMapSize];
@@ -264,6 +268,11 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
       qmap2[k] = qmap2_g[k];
     }
   }
+  __shared__ int32_t first_chunk[kSmemTableEntries];  // host checks total_chunks < 2^31
+  const bool smem_table = num_entries <= kSmemTableEntries;
+  if (smem_table) {
+    for (int k = threadIdx.x; k < num_entries; k += blockDim.x) first_chunk[k] = static_cast<int32_t>(table[k].first_chunk);
+  }
   __syncthreads();
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -272,7 +281,8 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
     int lo = 0, hi = num_entries - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
-      if (table[mid].first_chunk <= chunk) lo = mid; else hi = mid - 1;
+      const int64_t f = smem_table ? first_chunk[mid] : table[mid].first_chunk;
+      if (f <= chunk) lo = mid; else hi = mid - 1;
     }
     const DeviceEntry& e = table[lo];
     const int64_t block = (chunk - e.first_chunk) * kWarpsPerCta + warp;
@@ -329,6 +339,8 @@ void adamw_step_cuda(const AdamWMultiTensorParams& p, cudaStream_t stream) {
   }
   if (entries.empty()) return;
   FOURBIT_CHECK_ARG(entries.size() < (size_t{1} << 31), "adamw: too many tensors: ", entries.size());
+  FOURBIT_CHECK_ARG(total_chunks < (int64_t{1} << 31), "adamw: too many elements in one group: ",
+                    total_chunks, " chunks of ", cuda::kChunkElements);
   bool any8 = false;
   for (const auto& e : entries) any8 = any8 || e.bits8;
 
