@@ -440,6 +440,22 @@ def test_bad_hyper_parameters_raise_value_error(name, kwargs, needles):
         assert n in str(e.value), (n, str(e.value))
 
 
+def test_tensor_lr_is_accepted_like_torch():
+    ref = make_params()
+    ours = clone_params(ref)
+    t_opt = torch.optim.AdamW(ref, lr=torch.tensor(1e-2), foreach=False)
+    f_opt = fourbit.optim.AdamW(ours, lr=torch.tensor(1e-2))
+    for step in range(3):
+        set_grads(ref, step)
+        set_grads(ours, step)
+        t_opt.step()
+        f_opt.step()
+    for r, o in zip(ref, ours):
+        torch.testing.assert_close(o, r, rtol=2e-6, atol=2e-7)
+    with pytest.raises(ValueError, match=r"lr must be a number or a one-element tensor, got shape \(2,\)"):
+        fourbit.optim.AdamW(make_params(), lr=torch.tensor([1e-2, 1e-3]))
+
+
 def test_bad_param_group_raises_value_error():
     opt = fourbit.optim.AdamW(make_params()[:1])
     with pytest.raises(ValueError, match=r"lr = -1"):

@@ -42,8 +42,10 @@ _TENSOR_KEYS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
 def _check_hyper(lr, betas, eps, weight_decay):
     """ValueError naming the argument and value for every bad hyper-parameter."""
     def real(name, v):
-        if isinstance(v, torch.Tensor):
-            raise ValueError(f"{name} must be a Python float, got a tensor")
+        if isinstance(v, torch.Tensor):  # torch accepts a one-element tensor lr
+            if v.numel() != 1:
+                raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
+            v = v.item()
         try:
             f = float(v)
         except (TypeError, ValueError):

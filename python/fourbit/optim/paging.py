@@ -15,11 +15,18 @@ from typing import Iterable
 import torch
 
 
+def _device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def paged_zeros(shape, dtype: torch.dtype = torch.float32, device="cuda") -> torch.Tensor:
     """A zero-filled tensor on a page-manager buffer (managed memory on CUDA, host memory on CPU)."""
     if isinstance(shape, int):
         shape = (shape,)
-    t = torch.ops.fourbit.paged_zeros(list(shape), dtype, torch.device(device))
+    t = torch.ops.fourbit.paged_zeros(list(shape), dtype, _device(device))
     t.is_paged = True
     return t
 
@@ -35,7 +42,7 @@ def prefetch(tensors: Iterable[torch.Tensor], device=None) -> None:
     tensors = [t for t in tensors if t.is_cuda]
     if not tensors:
         return
-    target = torch.device(device) if device is not None else tensors[0].device
+    target = _device(device) if device is not None else tensors[0].device
     torch.ops.fourbit.paged_prefetch(tensors, target)
 
 
@@ -46,7 +53,7 @@ def evict(tensors: Iterable[torch.Tensor]) -> None:
 
 def memory_info(device="cuda") -> tuple[int, int]:
     """(free, total) bytes of a CUDA device (cudaMemGetInfo) or of the host ("cpu")."""
-    free, total = torch.ops.fourbit.paged_memory_info(torch.device(device))
+    free, total = torch.ops.fourbit.paged_memory_info(_device(device))
     return int(free), int(total)
 
 
