@@ -10,7 +10,6 @@ from . import _C  # noqa: F401  (registers torch.ops.fourbit.*)
 from . import _ops  # noqa: F401  (fake kernels for torch.compile)
 from . import functional
 from .functional import QuantState
-from . import optim  # paged AdamW (32-bit and 8-bit states)
 
 __version__ = "0.1.0"
 
@@ -20,4 +19,8 @@ def built_with_cuda() -> bool:
     return _C.built_with_cuda()
 
 
-__all__ = ["functional", "optim", "QuantState", "built_with_cuda", "__version__"]
+__all__ = ["functional", "QuantState", "built_with_cuda", "__version__"]
+
+from . import optim  # noqa: E402  (paged AdamW, 32-bit and 8-bit states)
+
+__all__.append("optim")
