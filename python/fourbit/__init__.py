@@ -13,6 +13,8 @@ from .functional import QuantState
 
 __version__ = "0.1.0"
 
+from . import optim  # noqa: E402  (paged AdamW, 32-bit and 8-bit states; after _C)
+
 
 def built_with_cuda() -> bool:
     """True if the native library was compiled with the CUDA kernels."""
@@ -20,7 +22,3 @@ def built_with_cuda() -> bool:
 
 
 __all__ = ["functional", "QuantState", "built_with_cuda", "__version__"]
-
-from . import optim  # noqa: E402  (paged AdamW, 32-bit and 8-bit states)
-
-__all__.append("optim")
