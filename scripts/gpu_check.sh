@@ -52,6 +52,10 @@ else
   echo "compute-sanitizer not found" | tee -a "$OUT/summary.txt"
 fi
 
+step "benchmark: AdamW step (fourbit 32/8-bit, paged, evicted) vs bitsandbytes and torch fused"
+"$PY" benchmarks/bench_optim.py --device cuda --json "$OUT/bench_optim.json" >"$OUT/bench_optim.md" 2>&1 || status=1
+cat "$OUT/bench_optim.md"
+
 step "benchmark: quantize / dequantize vs bitsandbytes"
 "$PY" benchmarks/bench_quant.py --device cuda --json "$OUT/bench_quant.json" >"$OUT/bench_quant.md" 2>&1 || status=1
 cat "$OUT/bench_quant.md"

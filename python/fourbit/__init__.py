@@ -13,6 +13,8 @@ from .functional import QuantState, matmul_4bit
 
 __version__ = "0.1.0"
 
+from . import optim  # noqa: E402  (paged AdamW, 32-bit and 8-bit states; after _C)
+
 
 def built_with_cuda() -> bool:
     """True if the native library was compiled with the CUDA kernels."""

@@ -1,0 +1,351 @@
+"""AdamW with 32-bit or 8-bit blockwise states, optionally paged: drop-in replacements for
+bitsandbytes' AdamW / AdamW8bit / PagedAdamW / PagedAdamW32bit / PagedAdamW8bit.
+
+A step runs ONE fused multi-tensor kernel per parameter group (torch.ops.fourbit.adamw_step):
+all tensors of the group, 32-bit and 8-bit states, any mix of fp32 / fp16 / bf16 params.
+
+State per parameter, with bitsandbytes' keys:
+    step                 int, this parameter's step count
+    state1, state2       fp32 [param shape] (32-bit states) or uint8 [param shape] (8-bit)
+    absmax1, absmax2     fp32 [ceil(numel / 256)]          (8-bit only)
+    qmap1, qmap2         fp32 [256], the signed / unsigned dynamic maps (8-bit only)
+Tensors with fewer than ``min_8bit_size`` elements keep 32-bit states, as in bitsandbytes.
+``state_dict()`` wraps the tensor entries under ``__bnb_optimizer_quant_state__`` exactly as
+bitsandbytes 0.50 does, so state dicts move both ways between the libraries;
+``load_state_dict`` also accepts unwrapped dicts and torch.optim.AdamW's (exp_avg,
+exp_avg_sq, tensor step: loaded as 32-bit states).
+
+Paged optimizers allocate the states of tensors with at least ``PAGED_MIN_NUMEL`` elements from
+the page manager (fourbit.optim.paging): CUDA managed memory prefetched before each step, or
+plain host memory on the CPU. Paging never changes results.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from itertools import chain
+
+import torch
+
+from .. import functional as F
+from . import paging
+
+BLOCKSIZE = 256
+# bitsandbytes pages only states of tensors with >= 1e5 elements: smaller ones gain nothing
+# from paging and would waste a managed allocation each.
+PAGED_MIN_NUMEL = 100_000
+_WRAP_KEY = "__bnb_optimizer_quant_state__"
+_TENSOR_KEYS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
+
+
+def _check_hyper(lr, betas, eps, weight_decay):
+    """ValueError naming the argument and value for every bad hyper-parameter."""
+    def real(name, v):
+        if isinstance(v, torch.Tensor):  # torch accepts a one-element tensor lr
+            if v.numel() != 1:
+                raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
+            v = v.item()
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {v!r}") from None
+        if not math.isfinite(f):
+            raise ValueError(f"Invalid {name}: {name} = {v} (must be finite)")
+        return f
+
+    if real("lr", lr) < 0.0:
+        raise ValueError(f"Invalid learning rate: lr = {lr} (must be >= 0)")
+    if len(betas) != 2:
+        raise ValueError(f"betas must have two entries, got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= real(f"betas[{i}]", b) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}] = {b} (must be in [0, 1))")
+    if real("eps", eps) <= 0.0:
+        raise ValueError(f"Invalid epsilon value: eps = {eps} (must be > 0)")
+    if real("weight_decay", weight_decay) < 0.0:
+        raise ValueError(f"Invalid weight_decay value: weight_decay = {weight_decay} (must be >= 0)")
+
+
+def _adamw_step_op(*args):
+    """The one fused launch per parameter group and device (a seam the tests count calls at)."""
+    torch.ops.fourbit.adamw_step(*args)
+
+
+def _parse_betas(betas):
+    if isinstance(betas, str):  # bitsandbytes accepts "(0.9, 0.999)"
+        betas = [float(b) for b in betas.replace("(", "").replace(")", "").strip().split(",")]
+    return tuple(betas)
+
+
+class _AdamWBase(torch.optim.Optimizer):
+    """Shared implementation; use AdamW, AdamW8bit, PagedAdamW, PagedAdamW32bit or PagedAdamW8bit."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False):
+        betas = _parse_betas(betas)
+        _check_hyper(lr, betas, eps, weight_decay)
+        if amsgrad:
+            raise ValueError("amsgrad=True is not supported (bitsandbytes' AdamW ignores it silently; "
+                             "fourbit refuses instead)")
+        if args is not None:  # bitsandbytes' args object (argparse namespace or MockArgs)
+            optim_bits = getattr(args, "optim_bits", optim_bits)
+            min_8bit_size = getattr(args, "min_8bit_size", min_8bit_size)
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
+        if int(min_8bit_size) < 0:
+            raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size!r}")
+        self.optim_bits = int(optim_bits)
+        self.min_8bit_size = int(min_8bit_size)
+        self.is_paged = bool(is_paged)
+        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and state
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        g["betas"] = _parse_betas(g["betas"])
+        try:
+            _check_hyper(g["lr"], g["betas"], g["eps"], g["weight_decay"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _qmap(self, device):
+        if device not in self._qmaps:
+            self._qmaps[device] = (F.create_dynamic_map(signed=True).to(device),
+                                   F.create_dynamic_map(signed=False).to(device))
+        return self._qmaps[device]
+
+    def _uses_8bit(self, p):
+        return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
+
+    def _buffer(self, p, dtype, shape=None):
+        shape = p.shape if shape is None else shape
+        if self.is_paged and p.numel() >= PAGED_MIN_NUMEL:
+            return paging.paged_zeros(shape, dtype, p.device)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def _init_state(self, p, state):
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
+        state["step"] = 0
+        if self._uses_8bit(p):
+            blocks = (p.numel() + BLOCKSIZE - 1) // BLOCKSIZE
+            qmap1, qmap2 = self._qmap(p.device)
+            state["state1"] = self._buffer(p, torch.uint8)
+            state["state2"] = self._buffer(p, torch.uint8)
+            state["qmap1"], state["qmap2"] = qmap1, qmap2
+            state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+            state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+            # All-zero codes with absmax 0 decode to 0 (as bitsandbytes initialises them).
+        else:
+            state["state1"] = self._buffer(p, torch.float32)
+            state["state2"] = self._buffer(p, torch.float32)
+
+    def _states(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st:
+                    yield p, st
+
+    def prefetch_states(self):
+        """Prefetches every paged state to its parameter's GPU (done by step() itself)."""
+        for p, st in self._states():
+            if p.is_cuda:
+                paging.prefetch([st["state1"], st["state2"]], p.device)
+
+    def evict_states(self):
+        """Moves every paged CUDA state to the host (what memory pressure would do)."""
+        for p, st in self._states():
+            if p.is_cuda:
+                paging.evict([st["state1"], st["state2"]])
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            by_device = defaultdict(lambda: ([], [], [], [], [], [], []))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("fourbit AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                state["step"] += 1
+                ps, gs, s1, s2, a1, a2, steps = by_device[p.device]
+                ps.append(p)
+                gs.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+                s1.append(state["state1"])
+                s2.append(state["state2"])
+                if state["state1"].dtype == torch.uint8:
+                    a1.append(state["absmax1"])
+                    a2.append(state["absmax2"])
+                steps.append(state["step"])
+            for device, (ps, gs, s1, s2, a1, a2, steps) in by_device.items():
+                if self.is_paged and device.type == "cuda":
+                    paging.prefetch(s1 + s2, device)
+                if a1:
+                    qmap1, qmap2 = self._qmap(device)
+                else:
+                    qmap1 = qmap2 = torch.empty(0, device=device)
+                _adamw_step_op(ps, gs, s1, s2, a1, a2, qmap1, qmap2, steps, float(group["lr"]),
+                               float(beta1), float(beta2), float(group["eps"]),
+                               float(group["weight_decay"]))
+        return loss
+
+    # ------------------------------------------------------------------ state dicts
+    def state_dict(self):
+        """torch's state dict with bitsandbytes' layout: tensor entries wrapped under
+        ``__bnb_optimizer_quant_state__`` (what bitsandbytes 0.50 writes)."""
+        sd = super().state_dict()
+        wrapped = {}
+        for k, v in sd["state"].items():
+            v = dict(v)
+            inner = {key: v.pop(key) for key in _TENSOR_KEYS if key in v}
+            if inner:
+                v[_WRAP_KEY] = inner
+            wrapped[k] = v
+        sd["state"] = wrapped
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Loads a fourbit, bitsandbytes (wrapped or not) or torch.optim.AdamW state dict.
+
+        States are copied into freshly allocated buffers on each parameter's device (paged
+        when this optimizer is), so a dict saved on the CPU loads onto the GPU and back; the
+        dtypes of the states are kept (8-bit stays 8-bit, even for a 32-bit optimizer).
+        """
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
+                             f"the optimizer has {len(groups)}")
+        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(f"loaded state dict's parameter group {i} has {len(sg['params'])} "
+                                 f"parameters, the optimizer's has {len(g['params'])}")
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
+        new_state = defaultdict(dict)
+        for key, saved in state_dict["state"].items():
+            if key not in id_map:
+                continue
+            p = id_map[key]
+            new_state[p] = self._load_param_state(p, key, dict(saved))
+        new_groups = []
+        for g, sg in zip(groups, saved_groups):
+            ng = {k: v for k, v in sg.items() if k != "params"}
+            ng["params"] = g["params"]
+            ng["betas"] = _parse_betas(ng.get("betas", g["betas"]))
+            _check_hyper(ng["lr"], ng["betas"], ng["eps"], ng["weight_decay"])
+            new_groups.append(ng)
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+
+    def _load_param_state(self, p, key, saved):
+        if _WRAP_KEY in saved:
+            saved.update(saved.pop(_WRAP_KEY))
+        if "exp_avg" in saved:  # torch.optim.AdamW
+            saved["state1"] = saved.pop("exp_avg")
+            saved["state2"] = saved.pop("exp_avg_sq")
+        for k in ("step", "state1", "state2"):
+            if k not in saved:
+                raise ValueError(f"state of parameter {key} lacks {k!r}")
+        step = saved["step"]
+        step = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+        out = {"step": step}
+        s1, s2 = saved["state1"], saved["state2"]
+        for name, t in (("state1", s1), ("state2", s2)):
+            if t.numel() != p.numel():
+                raise ValueError(f"{name} of parameter {key} has {t.numel()} elements but the parameter "
+                                 f"has {p.numel()}")
+            if t.dtype not in (torch.float32, torch.uint8) and not t.is_floating_point():
+                raise ValueError(f"{name} of parameter {key} has dtype {t.dtype}; expected float32 or uint8")
+        if s1.dtype == torch.uint8:
+            blocks = (p.numel() + BLOCKSIZE - 1) // BLOCKSIZE
+            qmap1, qmap2 = self._qmap(p.device)
+            for name, ref in (("qmap1", qmap1), ("qmap2", qmap2)):
+                if name in saved and not torch.equal(saved[name].to(ref.device, torch.float32), ref):
+                    raise ValueError(f"{name} of parameter {key} is not bitsandbytes' "
+                                     f"{'signed' if name == 'qmap1' else 'unsigned'} dynamic map")
+            for name in ("absmax1", "absmax2"):
+                if name not in saved:
+                    raise ValueError(f"8-bit state of parameter {key} lacks {name!r}")
+                if saved[name].numel() != blocks:
+                    raise ValueError(f"{name} of parameter {key} has {saved[name].numel()} elements, "
+                                     f"expected {blocks} (one per {BLOCKSIZE})")
+                out[name] = saved[name].detach().to(p.device, torch.float32).reshape(blocks).clone()
+            out["qmap1"], out["qmap2"] = qmap1, qmap2
+            dtype = torch.uint8
+        else:
+            dtype = torch.float32
+        for name, t in (("state1", s1), ("state2", s2)):
+            buf = self._buffer(p, dtype)
+            buf.copy_(t.detach().reshape(p.shape).to(dtype))
+            out[name] = buf
+        return out
+
+
+class AdamW(_AdamWBase):
+    """bitsandbytes.optim.AdamW: 32-bit states unless optim_bits=8; is_paged for paged states."""
+
+
+class AdamW32bit(_AdamWBase):
+    """AdamW with 32-bit states (bitsandbytes.optim.AdamW32bit)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 32, args, min_8bit_size, is_paged)
+
+
+class AdamW8bit(_AdamWBase):
+    """AdamW with 8-bit blockwise states (bitsandbytes.optim.AdamW8bit; optim_bits is ignored
+    as there, tensors below min_8bit_size keep 32-bit states)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False):
+        if optim_bits != 32:
+            raise ValueError(f"AdamW8bit always uses 8-bit states; optim_bits must stay 32, got {optim_bits!r}")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 8, None, min_8bit_size, is_paged)
+        if args is not None:
+            self.min_8bit_size = int(getattr(args, "min_8bit_size", self.min_8bit_size))
+
+
+class PagedAdamW(_AdamWBase):
+    """bitsandbytes.optim.PagedAdamW: paged states, 32-bit unless optim_bits=8."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size,
+                         is_paged=True)
+
+
+class PagedAdamW32bit(_AdamWBase):
+    """bitsandbytes.optim.PagedAdamW32bit: paged 32-bit states."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 32, args, min_8bit_size,
+                         is_paged=True)
+
+
+class PagedAdamW8bit(_AdamWBase):
+    """bitsandbytes.optim.PagedAdamW8bit: paged 8-bit blockwise states."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096):
+        if optim_bits != 32:
+            raise ValueError(f"PagedAdamW8bit always uses 8-bit states; optim_bits must stay 32, got {optim_bits!r}")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 8, None, min_8bit_size, is_paged=True)
+        if args is not None:
+            self.min_8bit_size = int(getattr(args, "min_8bit_size", self.min_8bit_size))
