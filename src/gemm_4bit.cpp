@@ -344,6 +344,10 @@ void gemm_forward_bf16(const Gemm4bitParams& p, const float* code) {
         detail::decode_weight_span_bf16(w, code, (c0 + j0 + jj) * w.K + r0, rlen, rows[jj]);
         rows[jj][rlen] = 0;
       }
+      if (group == kTransposeRows) {
+        detail::transpose16_words_avx512(rows, sizeof(rows[0]), pairs, tile + j0, ld);
+        continue;
+      }
       for (int64_t q = 0; q < pairs; ++q) {
         uint32_t* dst = tile + q * ld + j0;
         for (int64_t jj = 0; jj < group; ++jj) std::memcpy(dst + jj, &rows[jj][2 * q], 4);
@@ -403,6 +407,11 @@ void gemm_forward(const Gemm4bitParams& p) {
       const int64_t group = std::min(kTransposeRows, clen - j0);
       for (int64_t jj = 0; jj < group; ++jj) {
         detail::decode_weight_span(w, code, (c0 + j0 + jj) * w.K + r0, rlen, rows[jj]);
+      }
+      if (group == kTransposeRows && detail::cpu_has_avx512bw()) {
+        detail::transpose16_words_avx512(rows, sizeof(rows[0]), rlen,
+                                         reinterpret_cast<uint32_t*>(tile + j0), ld);
+        continue;
       }
       for (int64_t r = 0; r < rlen; ++r) {
         float* dst = tile + r * ld + j0;

@@ -6,6 +6,8 @@
 // - micro_kernel_avx512: an 8 x 32 fp32 output tile lives in 16 zmm registers for the
 //   whole reduction; each step loads one 32-wide row of B (2 loads) and broadcasts one A
 //   value per output row, 16 FMAs per 10 loads, so the FMA units, not memory, set the pace.
+// - transpose16_words_avx512: 16 decoded weight rows -> 16 tile columns, one gather and
+//   one 64-byte store per tile row (the forward's B tile is the weight transposed).
 // - dot_rows_avx512: up to 4 activation rows against one decoded weight row, 16 lanes per
 //   FMA, reduced once at the end (the gemv path for small M).
 // - *_bf16: the same three for bf16 activations on CPUs with AVX512_BF16: the weight is
@@ -57,6 +59,17 @@ FOURBIT_AVX512 void decode_aligned_avx512(const Weight4bit& w, const float* code
     _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, first, lo), table));
     _mm512_storeu_ps(out + i + 16,
                      _mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, second, lo), table));
+  }
+}
+
+FOURBIT_AVX512 void transpose16_words_avx512(const void* rows, int64_t row_stride_bytes,
+                                             int64_t words, uint32_t* dst, int64_t ld) {
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(row_stride_bytes)));
+  const char* base = static_cast<const char*>(rows);
+  for (int64_t q = 0; q < words; ++q) {
+    _mm512_storeu_si512(dst + q * ld, _mm512_i32gather_epi32(offsets, base + 4 * q, 1));
   }
 }
 
@@ -235,6 +248,7 @@ void decode_aligned_avx512(const Weight4bit&, const float*, int64_t, int64_t, fl
 void micro_kernel_avx512(int, int64_t, const float*, int64_t, const float*, int64_t, float*,
                          int64_t) {}
 void dot_rows_avx512(int, int64_t, const float*, int64_t, const float*, float*) {}
+void transpose16_words_avx512(const void*, int64_t, int64_t, uint32_t*, int64_t) {}
 void decode_aligned_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, uint16_t*) {}
 void micro_kernel_bf16_avx512(int, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t,
                               float*, int64_t) {}

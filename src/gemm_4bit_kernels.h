@@ -36,6 +36,10 @@ void micro_kernel_avx512(int rows, int64_t R, const float* A, int64_t lda, const
                          int64_t ldb, float* C, int64_t ldc);
 void dot_rows_avx512(int rows, int64_t len, const float* x, int64_t ldx, const float* w,
                      float* acc);
+// dst[q * ld + j] = word q of row j, for 16 rows of 32-bit words starting row_stride_bytes
+// apart (fp32 values, or bf16 pairs).
+void transpose16_words_avx512(const void* rows, int64_t row_stride_bytes, int64_t words,
+                              uint32_t* dst, int64_t ld);
 
 // The bf16 flavour (call only when cpu_has_avx512bf16()): weights decoded to bf16 (the
 // bits dequantize_4bit gives), products of bf16 pairs accumulated in fp32.
