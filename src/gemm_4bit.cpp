@@ -134,7 +134,10 @@ constexpr int64_t kColTile = 128;
 // Reduction depth per B tile.
 constexpr int64_t kRedTile = 256;
 // Activation rows per task: 256 x kRedTile fp32 = 256 KiB of converted activations in L2.
+// Every row chunk decodes the whole weight again, so chunks are as tall as L2 allows.
 constexpr int64_t kRowChunk = 256;
+// The bf16 path's operands are half the size: 512 rows x kRedTile bf16 = 256 KiB.
+constexpr int64_t kRowChunkBf16 = 512;
 // Below this many multiply-adds the OpenMP fork costs more than it saves.
 constexpr int64_t kParallelMinFlops = int64_t{1} << 18;
 
@@ -146,28 +149,39 @@ struct OutputTile {
   int64_t c0, clen, ld, m0, mlen;
 };
 
+// The register tile of a micro-kernel: `rows` x `cols` outputs.
+struct MicroShape {
+  int64_t rows, cols;
+};
+constexpr MicroShape kFp32Micro{kMicroRows, kMicroCols};
+constexpr MicroShape kBf16Micro{detail::kMicroRowsBf16, detail::kMicroColsBf16};
+
 // Runs `body(tile, scratch, acc)` for every (column tile x row chunk) task, spread over
 // OpenMP threads, then writes C = acc (+ bias), rounded once. `acc` is the task's zeroed
-// fp32 [mlen][ld] accumulator; `Scratch` (tile buffers) is built once per thread.
+// fp32 [mlen][ld] accumulator; `Scratch` (tile buffers) is built once per thread and kept
+// (under 1 MiB per thread).
 template <typename Scratch, typename T, typename Body>
-void for_each_output_tile(int64_t M, int64_t R, int64_t cols, const T* bias, T* C,
-                          const Body& body) {
+void for_each_output_tile(int64_t M, int64_t R, int64_t cols, int64_t row_chunk,
+                          MicroShape micro, const T* bias, T* C, const Body& body) {
   const int64_t col_tiles = (cols + kColTile - 1) / kColTile;
-  const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
+  const int64_t row_chunks = (M + row_chunk - 1) / row_chunk;
   const int64_t tasks = col_tiles * row_chunks;
   const bool parallel = M * R * cols >= kParallelMinFlops && tasks > 1;
 #pragma omp parallel if (parallel)
   {
-    Scratch scratch;
-    std::vector<float> acc(kRowChunk * kColTile);
+    // Per-thread buffers live as long as the (pooled) thread: a call pays no allocation
+    // or page faults for them, which matters for small products.
+    static thread_local Scratch scratch;
+    static thread_local std::vector<float> acc;
+    if (acc.size() < static_cast<size_t>(row_chunk * kColTile)) acc.resize(row_chunk * kColTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       OutputTile t;
       t.c0 = (task % col_tiles) * kColTile;
       t.clen = std::min(kColTile, cols - t.c0);
-      t.ld = round_up(t.clen, kMicroCols);
-      t.m0 = (task / col_tiles) * kRowChunk;
-      t.mlen = std::min(kRowChunk, M - t.m0);
+      t.ld = round_up(t.clen, micro.cols);
+      t.m0 = (task / col_tiles) * row_chunk;
+      t.mlen = std::min(row_chunk, M - t.m0);
       std::fill(acc.begin(), acc.begin() + t.mlen * t.ld, 0.0f);
       body(t, scratch, acc.data());
       for (int64_t i = 0; i < t.mlen; ++i) {
@@ -182,13 +196,13 @@ void for_each_output_tile(int64_t M, int64_t R, int64_t cols, const T* bias, T* 
   }
 }
 
-// Sweeps the micro-kernel `micro(rows, m, c)` over a tile: 32-column panels outside (a
-// panel of B stays in L1), blocks of kMicroRows rows inside.
+// Sweeps the micro-kernel `micro(rows, m, c)` over a tile: column panels outside (a panel
+// of B stays in L1), blocks of rows inside.
 template <typename Micro>
-void sweep_micro_kernel(const OutputTile& t, const Micro& micro) {
-  for (int64_t c = 0; c < t.ld; c += kMicroCols) {
-    for (int64_t m = 0; m < t.mlen; m += kMicroRows) {
-      micro(static_cast<int>(std::min<int64_t>(kMicroRows, t.mlen - m)), m, c);
+void sweep_micro_kernel(const OutputTile& t, MicroShape shape, const Micro& micro) {
+  for (int64_t c = 0; c < t.ld; c += shape.cols) {
+    for (int64_t m = 0; m < t.mlen; m += shape.rows) {
+      micro(static_cast<int>(std::min<int64_t>(shape.rows, t.mlen - m)), m, c);
     }
   }
 }
@@ -204,8 +218,7 @@ struct Fp32Scratch {
 template <typename T, typename FillB>
 void blocked_product(const T* A, int64_t M, int64_t R, int64_t cols, const T* bias, T* C,
                      const FillB& fill_b) {
-  for_each_output_tile<Fp32Scratch>(M, R, cols, bias, C, [&](const OutputTile& t, Fp32Scratch& s,
-                                                              float* acc) {
+  auto task = [&](const OutputTile& t, Fp32Scratch& s, float* acc) {
     for (int64_t r0 = 0; r0 < R; r0 += kRedTile) {
       const int64_t rlen = std::min(kRedTile, R - r0);
       fill_b(r0, rlen, t.c0, t.clen, s.b_tile.data(), t.ld);
@@ -223,12 +236,13 @@ void blocked_product(const T* A, int64_t M, int64_t R, int64_t cols, const T* bi
         a = s.a_pack.data();
         lda = rlen;
       }
-      sweep_micro_kernel(t, [&](int rows, int64_t m, int64_t c) {
+      sweep_micro_kernel(t, kFp32Micro, [&](int rows, int64_t m, int64_t c) {
         detail::micro_kernel(rows, rlen, a + m * lda, lda, s.b_tile.data() + c, t.ld,
                              acc + m * t.ld + c, t.ld);
       });
     }
-  });
+  };
+  for_each_output_tile<Fp32Scratch>(M, R, cols, kRowChunk, kFp32Micro, bias, C, task);
 }
 
 // Forward for small M: each weight row decoded once, in L1-sized pieces, dotted with every
@@ -275,7 +289,7 @@ const Bf16Bits* bf16_bits(const void* p) { return static_cast<const Bf16Bits*>(p
 
 struct Bf16Scratch {
   std::vector<uint32_t> b_tile = std::vector<uint32_t>(kRedTile / 2 * kColTile);
-  std::vector<uint32_t> a_pack = std::vector<uint32_t>(kRowChunk * kRedTile / 2);
+  std::vector<uint32_t> a_pack = std::vector<uint32_t>(kRowChunkBf16 * kRedTile / 2);
 };
 
 // C[M, cols] = A[M, R] @ B (+ bias) in bf16, B produced by `fill_pairs(r0, rlen, c0, clen,
@@ -286,25 +300,36 @@ void blocked_product_bf16(const detail::BFloat16* A, int64_t M, int64_t R, int64
                           const detail::BFloat16* bias, detail::BFloat16* C,
                           const FillPairs& fill_pairs) {
   const Bf16Bits* a_bits = reinterpret_cast<const Bf16Bits*>(A);
-  for_each_output_tile<Bf16Scratch>(M, R, cols, bias, C, [&](const OutputTile& t, Bf16Scratch& s,
-                                                              float* acc) {
+  const bool in_place = R % 2 == 0 && reinterpret_cast<uintptr_t>(A) % 4 == 0;
+  auto task = [&](const OutputTile& t, Bf16Scratch& s, float* acc) {
     for (int64_t r0 = 0; r0 < R; r0 += kRedTile) {
       const int64_t rlen = std::min(kRedTile, R - r0);
       const int64_t pairs = (rlen + 1) / 2;
       fill_pairs(r0, rlen, t.c0, t.clen, s.b_tile.data(), t.ld);
-      // Activation rows as pair words (a copy: an odd slice needs a zero partner).
-      for (int64_t i = 0; i < t.mlen; ++i) {
-        const Bf16Bits* src = a_bits + (t.m0 + i) * R + r0;
-        uint32_t* dst = s.a_pack.data() + i * pairs;
-        std::memcpy(dst, src, static_cast<size_t>(rlen / 2) * 4);
-        if (rlen % 2) dst[pairs - 1] = src[rlen - 1];
+      // Activation rows as pair words: in place when every row starts on a word (even R,
+      // 4-byte aligned A); otherwise a copy, with a zero partner for an odd last element.
+      const uint32_t* a = nullptr;
+      int64_t lda = 0;
+      if (in_place) {
+        a = reinterpret_cast<const uint32_t*>(a_bits + t.m0 * R + r0);
+        lda = R / 2;
+      } else {
+        for (int64_t i = 0; i < t.mlen; ++i) {
+          const Bf16Bits* src = a_bits + (t.m0 + i) * R + r0;
+          uint32_t* dst = s.a_pack.data() + i * pairs;
+          std::memcpy(dst, src, static_cast<size_t>(rlen / 2) * 4);
+          if (rlen % 2) dst[pairs - 1] = src[rlen - 1];
+        }
+        a = s.a_pack.data();
+        lda = pairs;
       }
-      sweep_micro_kernel(t, [&](int rows, int64_t m, int64_t c) {
-        detail::micro_kernel_bf16_avx512(rows, pairs, s.a_pack.data() + m * pairs, pairs,
-                                         s.b_tile.data() + c, t.ld, acc + m * t.ld + c, t.ld);
+      sweep_micro_kernel(t, kBf16Micro, [&](int rows, int64_t m, int64_t c) {
+        detail::micro_kernel_bf16_avx512(rows, pairs, a + m * lda, lda, s.b_tile.data() + c, t.ld,
+                                         acc + m * t.ld + c, t.ld);
       });
     }
-  });
+  };
+  for_each_output_tile<Bf16Scratch>(M, R, cols, kRowChunkBf16, kBf16Micro, bias, C, task);
 }
 
 void gemv_forward_bf16(const Gemm4bitParams& p, const float* code) {
@@ -374,7 +399,9 @@ void gemm_grad_input_bf16(const Gemm4bitGradInputParams& p, const float* code) {
         std::fill(hi, hi + clen, Bf16Bits{0});
       }
       uint32_t* dst = tile + q * ld;
-      for (int64_t j = 0; j < clen; ++j) dst[j] = lo[j] | (static_cast<uint32_t>(hi[j]) << 16);
+      for (int64_t j = detail::interleave_bf16_rows_avx512(lo, hi, clen, dst); j < clen; ++j) {
+        dst[j] = lo[j] | (static_cast<uint32_t>(hi[j]) << 16);
+      }
       std::fill(dst + clen, dst + ld, 0u);
     }
   };

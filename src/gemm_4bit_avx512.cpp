@@ -6,8 +6,9 @@
 // - micro_kernel_avx512: an 8 x 32 fp32 output tile lives in 16 zmm registers for the
 //   whole reduction; each step loads one 32-wide row of B (2 loads) and broadcasts one A
 //   value per output row, 16 FMAs per 10 loads, so the FMA units, not memory, set the pace.
-// - transpose16_words_avx512: 16 decoded weight rows -> 16 tile columns, one gather and
-//   one 64-byte store per tile row (the forward's B tile is the weight transposed).
+// - transpose16_words_avx512: 16 decoded weight rows -> 16 tile columns, 16 x 16 blocks
+//   transposed in registers with three shuffle stages (the forward's B tile is the weight
+//   transposed).
 // - dot_rows_avx512: up to 4 activation rows against one decoded weight row, 16 lanes per
 //   FMA, reduced once at the end (the gemv path for small M).
 // - *_bf16: the same three for bf16 activations on CPUs with AVX512_BF16: the weight is
@@ -62,13 +63,51 @@ FOURBIT_AVX512 void decode_aligned_avx512(const Weight4bit& w, const float* code
   }
 }
 
+namespace {
+
+// Transposes a 16 x 16 block of 32-bit words held in r[0..15] (r[i] = row i) and stores
+// column q of it to dst + q * ld. Three shuffle stages: 32-bit pairs, 64-bit pairs, then
+// a 4 x 4 transpose of 128-bit lanes.
+FOURBIT_AVX512 inline void transpose16x16_store(const __m512i* r, uint32_t* dst, int64_t ld) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);      // lane: a0 b0 a1 b1
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);  // lane: a2 b2 a3 b3
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i + c], lane L: rows i..i+3 at column 4L + c
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
+    const __m512i w2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i w3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+    _mm512_storeu_si512(dst + (0 + c) * ld, _mm512_shuffle_i32x4(w0, w2, 0x88));
+    _mm512_storeu_si512(dst + (4 + c) * ld, _mm512_shuffle_i32x4(w0, w2, 0xdd));
+    _mm512_storeu_si512(dst + (8 + c) * ld, _mm512_shuffle_i32x4(w1, w3, 0x88));
+    _mm512_storeu_si512(dst + (12 + c) * ld, _mm512_shuffle_i32x4(w1, w3, 0xdd));
+  }
+}
+
+}  // namespace
+
 FOURBIT_AVX512 void transpose16_words_avx512(const void* rows, int64_t row_stride_bytes,
                                              int64_t words, uint32_t* dst, int64_t ld) {
+  const char* base = static_cast<const char*>(rows);
+  int64_t q = 0;
+  for (; q + 16 <= words; q += 16) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(base + i * row_stride_bytes + 4 * q);
+    transpose16x16_store(r, dst + q * ld, ld);
+  }
+  // The last words % 16 columns: one gather per column.
   const __m512i offsets = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(static_cast<int>(row_stride_bytes)));
-  const char* base = static_cast<const char*>(rows);
-  for (int64_t q = 0; q < words; ++q) {
+  for (; q < words; ++q) {
     _mm512_storeu_si512(dst + q * ld, _mm512_i32gather_epi32(offsets, base + 4 * q, 1));
   }
 }
@@ -162,6 +201,23 @@ FOURBIT_AVX512 void decode_aligned_bf16_avx512(const Weight4bit& w, const float*
   }
 }
 
+FOURBIT_AVX512 int64_t interleave_bf16_rows_avx512(const uint16_t* lo, const uint16_t* hi,
+                                                  int64_t len, uint32_t* dst) {
+  // Word j = lo[j] | hi[j] << 16: two permutes pick 16 lo/hi pairs each from 64 halves.
+  const __m512i first = _mm512_setr_epi32(
+      0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005, 0x00260006, 0x00270007,
+      0x00280008, 0x00290009, 0x002a000a, 0x002b000b, 0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
+  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const __m512i a = _mm512_loadu_si512(lo + j);
+    const __m512i b = _mm512_loadu_si512(hi + j);
+    _mm512_storeu_si512(dst + j, _mm512_permutex2var_epi16(a, first, b));
+    _mm512_storeu_si512(dst + j + 16, _mm512_permutex2var_epi16(a, second, b));
+  }
+  return j;
+}
+
 namespace {
 
 FOURBIT_AVX512_BF16 inline __m512bh load_bf16(const void* p) {
@@ -172,24 +228,20 @@ template <int kRows>
 FOURBIT_AVX512_BF16 inline void micro_tile_bf16(int64_t pairs, const uint32_t* A, int64_t lda,
                                                 const uint32_t* B, int64_t ldb, float* C,
                                                 int64_t ldc) {
-  __m512 c0[kRows], c1[kRows];
-  for (int i = 0; i < kRows; ++i) {
-    c0[i] = _mm512_loadu_ps(C + i * ldc);
-    c1[i] = _mm512_loadu_ps(C + i * ldc + 16);
-  }
+  constexpr int kVecs = kMicroColsBf16 / 16;
+  __m512 c[kRows][kVecs];
+  for (int i = 0; i < kRows; ++i)
+    for (int v = 0; v < kVecs; ++v) c[i][v] = _mm512_loadu_ps(C + i * ldc + 16 * v);
   for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh b0 = load_bf16(B + p * ldb);
-    const __m512bh b1 = load_bf16(B + p * ldb + 16);
+    __m512bh b[kVecs];
+    for (int v = 0; v < kVecs; ++v) b[v] = load_bf16(B + p * ldb + 16 * v);
     for (int i = 0; i < kRows; ++i) {
       const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A[i * lda + p]));
-      c0[i] = _mm512_dpbf16_ps(c0[i], a, b0);
-      c1[i] = _mm512_dpbf16_ps(c1[i], a, b1);
+      for (int v = 0; v < kVecs; ++v) c[i][v] = _mm512_dpbf16_ps(c[i][v], a, b[v]);
     }
   }
-  for (int i = 0; i < kRows; ++i) {
-    _mm512_storeu_ps(C + i * ldc, c0[i]);
-    _mm512_storeu_ps(C + i * ldc + 16, c1[i]);
-  }
+  for (int i = 0; i < kRows; ++i)
+    for (int v = 0; v < kVecs; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
 }
 
 template <int kRows>
@@ -217,9 +269,8 @@ FOURBIT_AVX512_BF16 inline void dot_tile_bf16(int64_t len, const uint16_t* x, in
 FOURBIT_AVX512_BF16 void micro_kernel_bf16_avx512(int rows, int64_t pairs, const uint32_t* A,
                                                   int64_t lda, const uint32_t* B, int64_t ldb,
                                                   float* C, int64_t ldc) {
+  static_assert(kMicroRowsBf16 == 6, "one case per row count");
   switch (rows) {
-    case 8: micro_tile_bf16<8>(pairs, A, lda, B, ldb, C, ldc); return;
-    case 7: micro_tile_bf16<7>(pairs, A, lda, B, ldb, C, ldc); return;
     case 6: micro_tile_bf16<6>(pairs, A, lda, B, ldb, C, ldc); return;
     case 5: micro_tile_bf16<5>(pairs, A, lda, B, ldb, C, ldc); return;
     case 4: micro_tile_bf16<4>(pairs, A, lda, B, ldb, C, ldc); return;
@@ -249,6 +300,9 @@ void micro_kernel_avx512(int, int64_t, const float*, int64_t, const float*, int6
                          int64_t) {}
 void dot_rows_avx512(int, int64_t, const float*, int64_t, const float*, float*) {}
 void transpose16_words_avx512(const void*, int64_t, int64_t, uint32_t*, int64_t) {}
+int64_t interleave_bf16_rows_avx512(const uint16_t*, const uint16_t*, int64_t, uint32_t*) {
+  return 0;
+}
 void decode_aligned_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, uint16_t*) {}
 void micro_kernel_bf16_avx512(int, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t,
                               float*, int64_t) {}

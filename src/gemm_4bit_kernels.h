@@ -15,6 +15,11 @@ constexpr int kMicroCols = 32;
 // Rows of the micro-kernel's output tile: 8 rows x 2 registers = 16 accumulators, which
 // leaves registers for the two B loads and the A broadcast.
 constexpr int kMicroRows = 8;
+// The bf16 micro-kernel's tile: 6 rows x 64 columns = 24 accumulators (4 per row), so each
+// reduction step loads 4 vectors of B and 6 broadcasts of A for 24 dot-product
+// instructions: fewer loads per multiply than 8 x 32, which keeps vdpbf16ps busy.
+constexpr int kMicroColsBf16 = 64;
+constexpr int kMicroRowsBf16 = 6;
 
 // Decodes elements [g, g + len) of the flattened weight into fp32: out[i] =
 // code[nibble(g + i)] * scale((g + i) / blocksize), the same floats as dequantize_4bit.
@@ -49,8 +54,11 @@ void decode_weight_span_bf16(const Weight4bit& w, const float* code, int64_t g, 
                              uint16_t* out);
 void decode_aligned_bf16_avx512(const Weight4bit& w, const float* code, int64_t g, int64_t len,
                                 uint16_t* out);
-// C[rows][32] += sum_p A[i][p] . B[p][0..32), where A[i][p] and B[p][j] are 32-bit words
-// holding the bf16 pair of reduction rows 2p, 2p + 1.
+// dst[j] = lo[j] | hi[j] << 16 for whole 32-element chunks of len; returns how many it did.
+int64_t interleave_bf16_rows_avx512(const uint16_t* lo, const uint16_t* hi, int64_t len,
+                                    uint32_t* dst);
+// C[rows][64] += sum_p A[i][p] . B[p][0..64) for rows <= kMicroRowsBf16, where A[i][p]
+// and B[p][j] are 32-bit words holding the bf16 pair of reduction rows 2p, 2p + 1.
 void micro_kernel_bf16_avx512(int rows, int64_t pairs, const uint32_t* A, int64_t lda,
                               const uint32_t* B, int64_t ldb, float* C, int64_t ldc);
 // acc[m] += dot(x[m * ldx .. + len], w[0 .. len]) over bf16 values.

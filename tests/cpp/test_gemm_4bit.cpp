@@ -146,6 +146,7 @@ const Case kCases[] = {
     {1, 64, 64, 64},   {3, 37, 96, 32},    {4, 130, 300, 64},  {5, 129, 257, 128},
     {8, 1, 64, 64},    {9, 33, 33, 32},    {17, 200, 130, 64}, {1, 7, 1001, 64},
     {6, 5, 7, 32},     {300, 70, 520, 256}, {2, 3, 4096, 4096}, {40, 256, 512, 64},
+    {600, 20, 41, 32},  // more rows than one task's row chunk (256 fp32, 512 bf16)
 };
 
 class GemmGrid : public ::testing::TestWithParam<std::tuple<DType, QuantType, bool>> {};
