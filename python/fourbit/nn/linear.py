@@ -103,10 +103,12 @@ class Linear4bit(nn.Linear):
 
     def set_compute_type(self, x: torch.Tensor) -> None:
         """bitsandbytes' rule: float32/bfloat16 inputs set the compute dtype; a float16 input
-        with no (or a float32) compute dtype warns that it will be slow."""
+        with no (or a float32) compute dtype warns (a UserWarning with bitsandbytes' text;
+        not while torch.compile traces) that it will be slow."""
         if x.dtype in (torch.float32, torch.bfloat16):
             self.compute_dtype = x.dtype
-        elif x.dtype == torch.float16 and self.compute_dtype in (None, torch.float32):
+        elif (x.dtype == torch.float16 and self.compute_dtype in (None, torch.float32)
+              and not torch.compiler.is_compiling()):  # Dynamo cannot trace warnings.warn
             single = x.numel() == x.shape[-1]
             warnings.warn(_FP16_WARNING_SINGLE if single else _FP16_WARNING_BATCH, stacklevel=3)
 
@@ -164,9 +166,11 @@ class Linear4bit(nn.Linear):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Loads a float weight (before quantization, as into an ``nn.Linear``) or a quantized
-        one (``weight`` + ``weight.*`` as either library saves them). Every entry is checked
-        before anything changes: an error is reported under its key and the module is left
-        as it was."""
+        one (``weight`` + ``weight.*`` as either library saves them). Every entry present is
+        checked before anything changes: an error is reported under its key and the module is
+        left as it was. The packed weight and its QuantState are replaced together or not at
+        all. A missing entry is a missing key, as for any module (torch passes strict=True
+        here whatever the caller asked, so strictness is decided by load_state_dict)."""
         wkey = prefix + "weight"
         qs_entries = {k[len(wkey) + 1:]: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
         weight = self.weight
@@ -196,11 +200,6 @@ class Linear4bit(nn.Linear):
         if error:
             error_msgs.append(error)
             return
-        bkey = prefix + "bias"
-        if self.bias is not None and bkey not in state_dict and strict:
-            missing_keys.append(bkey)  # a truncated checkpoint: load nothing of this module
-            return
-
         # Commit: every check has passed.
         self.weight = new_weight
         self._gemm_cache = None
@@ -222,6 +221,13 @@ class Linear4bit(nn.Linear):
                              "checkpoint is truncated or not a 4-bit one")
         if not isinstance(data, torch.Tensor):
             raise ValueError(f"{wkey}: must be a tensor of packed 4-bit codes, got {type(data).__name__}")
+        absmax = qs_entries.get("absmax")
+        nested = [k for k in ("nested_absmax", "nested_quant_map") if k in qs_entries]
+        if nested or (isinstance(absmax, torch.Tensor) and absmax.dtype == torch.uint8):
+            for key in ("nested_absmax", "nested_quant_map"):
+                if key not in qs_entries:
+                    raise ValueError(f"{wkey}.{key}: missing, but the state_dict holds a double-quantized absmax "
+                                     f"({sorted(wkey + '.' + k for k in qs_entries)}); the checkpoint is truncated")
         old = self.weight
         device = old.device if old.device.type != "meta" else data.device
         try:

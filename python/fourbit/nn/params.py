@@ -194,7 +194,8 @@ class Params4bit(torch.nn.Parameter):
             return self
         if self.quant_state is not None:
             self.quant_state.to(device)
-        return self._like(self.data.to(device=device, non_blocking=non_blocking))
+        data = self.data.to(device=device, non_blocking=non_blocking)
+        return self if data.device == self.device else self._like(data)
 
     # ------------------------------------------------------------------ copies
     def __deepcopy__(self, memo):
