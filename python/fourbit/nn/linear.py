@@ -266,7 +266,8 @@ class Linear4bit(nn.Linear):
         if not isinstance(value, torch.Tensor):
             return f"{key}: must be a tensor, got {type(value).__name__}"
         if value.shape != param.shape:
-            return f"{key}: has shape {list(value.shape)}, but this module's {key.rsplit('.', 1)[-1]} is {list(param.shape)}"
+            name = key.rsplit(".", 1)[-1]
+            return f"{key}: has shape {list(value.shape)}, but this module's {name} is {list(param.shape)}"
         return None
 
     def extra_repr(self) -> str:
