@@ -22,3 +22,5 @@ def built_with_cuda() -> bool:
 
 
 __all__ = ["functional", "QuantState", "matmul_4bit", "built_with_cuda", "__version__"]
+
+from . import nn  # noqa: E402  (Params4bit, Linear4bit, LinearNF4, LinearFP4)

@@ -1,0 +1,7 @@
+"""bitsandbytes-compatible 4-bit modules: ``Params4bit``, ``Linear4bit``, ``LinearNF4``,
+``LinearFP4`` (same constructors, move semantics and state_dict bytes as bitsandbytes')."""
+
+from .linear import Linear4bit, LinearFP4, LinearNF4
+from .params import Params4bit
+
+__all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
