@@ -9,11 +9,10 @@ What it does:
 1. loads the model and tokenizer with transformers from the local directory (fp32);
 2. quantizes the weight of every ``nn.Linear`` with
    ``fourbit.functional.quantize_4bit`` (NF4, blocksize 64, double quantization by
-   default) and, in a copy of the model, replaces the layer by a small module that keeps
-   only the packed 4-bit weight and its state and computes ``fourbit.matmul_4bit``
-   (the fused kernel: the weight is never dequantized in memory). That is real 4-bit
-   inference; ``fourbit.nn.Linear4bit`` will be the library's module for it. Biases stay
-   fp32;
+   default) and, in a copy of the model, replaces the layer by a ``fourbit.nn.Linear4bit``
+   that keeps only the packed 4-bit weight and its state and runs the fused 4-bit matmul
+   (the weight is never dequantized in memory): real 4-bit inference, the module
+   bitsandbytes users know. Biases stay fp32;
 3. prints one row per layer: shape, relative error ||W - deq(W)||_F / ||W||_F, max
    abs error, and the bytes of the fp32 weight vs the 4-bit form. The 4-bit bytes are
    summed over the tensors actually produced: packed codes + absmax (uint8 when double
@@ -130,20 +129,6 @@ def state_nbytes(packed: torch.Tensor, state: F.QuantState) -> dict[str, int]:
     return parts
 
 
-class FusedLinear4bit(torch.nn.Module):
-    """A linear layer that stores only the packed 4-bit weight and multiplies with
-    ``fourbit.matmul_4bit`` (a stand-in for fourbit.nn.Linear4bit in this example)."""
-
-    def __init__(self, packed: torch.Tensor, state: F.QuantState, bias):
-        super().__init__()
-        self.register_buffer("packed", packed)
-        self.state = state
-        self.bias = bias
-
-    def forward(self, x):
-        return fourbit.matmul_4bit(x, self.packed.t(), self.state, bias=self.bias)
-
-
 def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -152,15 +137,21 @@ def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) ->
 @torch.no_grad()
 def quantize_linears(model: torch.nn.Module, quant_type: str, blocksize: int, double_quant: bool,
                      progress: bool) -> list[dict]:
-    """Replaces, in place, each nn.Linear of ``model`` by a FusedLinear4bit; returns per-layer stats."""
+    """Replaces, in place, each nn.Linear of ``model`` by a fourbit.nn.Linear4bit; returns per-layer stats."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise CheckFailed("the model has no nn.Linear layers to quantize")
     rows = []
     for name, layer in tqdm(linears, desc=f"quantizing to {quant_type}", unit="layer", disable=not progress):
         W = layer.weight.data
-        packed, state = F.quantize_4bit(W, blocksize=blocksize, compress_statistics=double_quant,
-                                        quant_type=quant_type)
+        qlayer = fourbit.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                       compress_statistics=double_quant, quant_type=quant_type)
+        qlayer.weight = fourbit.nn.Params4bit(W.clone(), requires_grad=False, blocksize=blocksize,
+                                              compress_statistics=double_quant, quant_type=quant_type)
+        if layer.bias is not None:
+            qlayer.bias = torch.nn.Parameter(layer.bias.data.clone(), requires_grad=False)
+        qlayer.quantize()  # on the CPU: NF4/FP4 codes + (double-quantized) absmax
+        packed, state = qlayer.weight.data, qlayer.weight.quant_state
         W_deq = F.dequantize_4bit(packed, state)
         if W_deq.shape != W.shape or W_deq.dtype != W.dtype:
             raise CheckFailed(f"{name}: dequantized weight is {tuple(W_deq.shape)} {W_deq.dtype}, "
@@ -178,7 +169,7 @@ def quantize_linears(model: torch.nn.Module, quant_type: str, blocksize: int, do
             "bytes_4bit": nbytes["total"],
             "bytes_4bit_parts": nbytes,
         })
-        set_submodule(model, name, FusedLinear4bit(packed, state, layer.bias))
+        set_submodule(model, name, qlayer)
     return rows
 
 
@@ -259,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
     emb_q = embed(qmodel, tokenizer, SENTENCES)
     t_q = time.perf_counter() - t0
     print(f"\nembedding {len(SENTENCES)} sentences: fp32 model {1e3 * t_ref:.1f} ms, 4-bit model "
-          f"(fused matmul_4bit in every linear) {1e3 * t_q:.1f} ms (first call of each)")
+          f"(fourbit.nn.Linear4bit, fused 4-bit matmul) {1e3 * t_q:.1f} ms (first call of each)")
     cos = (emb_ref * emb_q).sum(dim=1)  # both are unit vectors
     if not torch.isfinite(cos).all():
         raise CheckFailed("the 4-bit model produced non-finite embeddings")

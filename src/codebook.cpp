@@ -26,10 +26,11 @@ std::array<float, kCodebook4bitSize> make_nf4() {
 
 std::array<float, kCodebook4bitSize> make_fp4() {
   // 1 sign bit, 2 exponent bits, 1 mantissa bit, listed by bit pattern, then divided by
-  // the largest magnitude (12) in fp32.
+  // the largest magnitude (12) in fp32. Code 8 (sign bit, zero magnitude) is +0.0, the
+  // bytes bitsandbytes stores in quant_map, not -0.0.
   static constexpr float kValues[kCodebook4bitSize] = {
       0.0f,  0.0625f,  8.0f,  12.0f,  4.0f,  6.0f,  2.0f,  3.0f,
-      -0.0f, -0.0625f, -8.0f, -12.0f, -4.0f, -6.0f, -2.0f, -3.0f};
+      0.0f,  -0.0625f, -8.0f, -12.0f, -4.0f, -6.0f, -2.0f, -3.0f};
   std::array<float, kCodebook4bitSize> out{};
   for (int i = 0; i < kCodebook4bitSize; ++i) out[i] = kValues[i] / 12.0f;
   return out;
@@ -39,7 +40,7 @@ Quantizer4bit make_quantizer(const std::array<float, kCodebook4bitSize>& code) {
   Quantizer4bit q{};
   std::array<int, kCodebook4bitSize> order{};
   std::iota(order.begin(), order.end(), 0);
-  // Stable sort: FP4's +0 (code 0) sorts before -0 (code 8), as torch.argsort does.
+  // Stable sort: FP4's two zeros (codes 0 and 8) keep code order, as torch.argsort does.
   std::stable_sort(order.begin(), order.end(),
                    [&](int a, int b) { return code[a] < code[b]; });
   for (int k = 0; k < kCodebook4bitSize; ++k) q.sorted_order[k] = static_cast<uint8_t>(order[k]);

@@ -90,23 +90,15 @@ def assert_unchanged(lin, snap):
 
 
 def assert_same_state_dict(ours, theirs, raw_absmax=None, nested_state=None):
-    """Same keys in the same order, same dtypes and bytes, with two known exceptions:
-
-    - the uint8 nested absmax codes may differ where bitsandbytes' approximate CPU 8-bit
-      search picks a farther code: compared with the 'at least as near' rule when
-      raw_absmax is given, exactly otherwise;
-    - fourbit's FP4 quant_map (fourbit.functional.get_4bit_type, from the C++ codebook)
-      holds -0.0 for code 8 where bitsandbytes' holds +0.0: equal values, different bytes
-      (a codebook bug outside fourbit.nn, reported; compared by value and sign-of-zero only).
+    """Same keys in the same order, same dtypes and bytes, with one known exception: the
+    uint8 nested absmax codes may differ where bitsandbytes' approximate CPU 8-bit search
+    picks a farther code: compared with the 'at least as near' rule when raw_absmax is
+    given, exactly otherwise.
     """
     assert list(ours) == list(theirs)
     for key, value in theirs.items():
         assert ours[key].dtype == value.dtype and ours[key].shape == value.shape, key
-        if key == "weight.quant_map":
-            assert torch.equal(ours[key], value), key
-            differ = ours[key].view(torch.int32) != value.view(torch.int32)
-            assert bool((ours[key][differ] == 0).all()), "quant_map bytes differ beyond the sign of zero"
-        elif key == "weight.absmax" and raw_absmax is not None:
+        if key == "weight.absmax" and raw_absmax is not None:
             assert_8bit_codes_nearest(raw_absmax - nested_state.offset, nested_state.state2.absmax,
                                       nested_state.state2.code, 256, ours[key], value)
         else:
