@@ -379,23 +379,13 @@ void adamw_step_cuda(const AdamWMultiTensorParams& p, cudaStream_t stream) {
 }
 
 void adamw_step_32bit_cuda(const AdamW32bitParams& p, cudaStream_t stream) {
-  const AdamWTensor t = detail::as_table_entry(p);
-  AdamWMultiTensorParams mp;
-  mp.tensors = &t;
-  mp.num_tensors = 1;
-  mp.hyper = p.hyper;
-  adamw_step_cuda(mp, stream);
+  detail::with_one_tensor_table(
+      p, [&](const AdamWMultiTensorParams& mp) { adamw_step_cuda(mp, stream); });
 }
 
 void adamw_step_8bit_cuda(const AdamW8bitParams& p, cudaStream_t stream) {
-  const AdamWTensor t = detail::as_table_entry(p);
-  AdamWMultiTensorParams mp;
-  mp.tensors = &t;
-  mp.num_tensors = 1;
-  mp.hyper = p.hyper;
-  mp.qmap1 = p.qmap1;
-  mp.qmap2 = p.qmap2;
-  adamw_step_cuda(mp, stream);
+  detail::with_one_tensor_table(
+      p, [&](const AdamWMultiTensorParams& mp) { adamw_step_cuda(mp, stream); });
 }
 
 }  // namespace fourbit

@@ -1,6 +1,9 @@
-// CUDA entry points of a CPU-only build: each throws a clear Runtime error.
+// CUDA entry points of a CPU-only build: each throws a clear Runtime error. (Host paged
+// buffers still work in such a build; see include/fourbit/paging.h.)
 #include "fourbit/error.h"
 #include "fourbit/gemm.h"
+#include "fourbit/optim.h"
+#include "fourbit/paging.h"
 #include "fourbit/quantize.h"
 
 namespace fourbit {
@@ -27,4 +30,16 @@ void gemm_4bit_cuda(const Gemm4bitParams&, cudaStream_t, Gemm4bitAlgo) { no_cuda
 void gemm_4bit_grad_input_cuda(const Gemm4bitGradInputParams&, cudaStream_t, Gemm4bitAlgo) {
   no_cuda("gemm_4bit_grad_input_cuda");
 }
+void adamw_step_cuda(const AdamWMultiTensorParams&, cudaStream_t) { no_cuda("adamw_step_cuda"); }
+void adamw_step_32bit_cuda(const AdamW32bitParams&, cudaStream_t) {
+  no_cuda("adamw_step_32bit_cuda");
+}
+void adamw_step_8bit_cuda(const AdamW8bitParams&, cudaStream_t) { no_cuda("adamw_step_8bit_cuda"); }
+
+namespace detail {
+void* managed_alloc(int64_t, int) { no_cuda("paged allocation on a CUDA device"); }
+void managed_free(void*) { no_cuda("managed_free"); }
+void managed_prefetch(const void*, int64_t, int, cudaStream_t) { no_cuda("paged prefetch"); }
+MemoryInfo device_memory_info(int) { no_cuda("memory_info of a CUDA device"); }
+}  // namespace detail
 }  // namespace fourbit

@@ -573,23 +573,13 @@ void validate(const AdamWMultiTensorParams& p) {
 }
 
 void validate(const AdamW32bitParams& p) {
-  const AdamWTensor t = detail::as_table_entry(p);
-  AdamWMultiTensorParams mp;
-  mp.tensors = &t;
-  mp.num_tensors = 1;
-  mp.hyper = p.hyper;
-  validate(mp);
+  detail::with_one_tensor_table(
+      p, [&](const AdamWMultiTensorParams& mp) { validate(mp); });
 }
 
 void validate(const AdamW8bitParams& p) {
-  const AdamWTensor t = detail::as_table_entry(p);
-  AdamWMultiTensorParams mp;
-  mp.tensors = &t;
-  mp.num_tensors = 1;
-  mp.hyper = p.hyper;
-  mp.qmap1 = p.qmap1;
-  mp.qmap2 = p.qmap2;
-  validate(mp);
+  detail::with_one_tensor_table(
+      p, [&](const AdamWMultiTensorParams& mp) { validate(mp); });
 }
 
 void adamw_step(const AdamWMultiTensorParams& p) {
@@ -623,23 +613,13 @@ void adamw_step(const AdamWMultiTensorParams& p) {
 }
 
 void adamw_step_32bit(const AdamW32bitParams& p) {
-  const AdamWTensor t = detail::as_table_entry(p);
-  AdamWMultiTensorParams mp;
-  mp.tensors = &t;
-  mp.num_tensors = 1;
-  mp.hyper = p.hyper;
-  adamw_step(mp);
+  detail::with_one_tensor_table(
+      p, [&](const AdamWMultiTensorParams& mp) { adamw_step(mp); });
 }
 
 void adamw_step_8bit(const AdamW8bitParams& p) {
-  const AdamWTensor t = detail::as_table_entry(p);
-  AdamWMultiTensorParams mp;
-  mp.tensors = &t;
-  mp.num_tensors = 1;
-  mp.hyper = p.hyper;
-  mp.qmap1 = p.qmap1;
-  mp.qmap2 = p.qmap2;
-  adamw_step(mp);
+  detail::with_one_tensor_table(
+      p, [&](const AdamWMultiTensorParams& mp) { adamw_step(mp); });
 }
 
 }  // namespace fourbit

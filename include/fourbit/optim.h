@@ -31,6 +31,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "fourbit/types.h"
 
@@ -145,6 +146,22 @@ AdamWCoefficients adamw_coefficients(const AdamWHyperParams& h, int64_t step);
 // Expands single-tensor params into a one-entry table.
 AdamWTensor as_table_entry(const AdamW32bitParams& p);
 AdamWTensor as_table_entry(const AdamW8bitParams& p);
+
+// Calls fn(table) with a one-entry multi-tensor table built from a single-tensor call: how
+// every single-tensor entry point reuses its multi-tensor twin.
+template <typename Params, typename Fn>
+void with_one_tensor_table(const Params& p, Fn&& fn) {
+  const AdamWTensor t = as_table_entry(p);
+  AdamWMultiTensorParams mp;
+  mp.tensors = &t;
+  mp.num_tensors = 1;
+  mp.hyper = p.hyper;
+  if constexpr (std::is_same<Params, AdamW8bitParams>::value) {
+    mp.qmap1 = p.qmap1;
+    mp.qmap2 = p.qmap2;
+  }
+  fn(mp);
+}
 
 }  // namespace detail
 }  // namespace fourbit
