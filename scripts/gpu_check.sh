@@ -5,8 +5,15 @@
 #
 # On the lent GPU machine (no network): carry a bitsandbytes wheel in .whl/ (see
 # docs/BENCHMARKS.md for the pip download line) and run `bash scripts/gpu_check.sh`.
+#
+# STAGES picks the parts (default: all): "tests" (pytest), "sanitizer" (compute-sanitizer),
+# "bench" (the three benchmarks). The build always runs and is incremental, so where one
+# call is limited in time (the device tool: 10 minutes), run it as two calls on the warm
+# machine: STAGES="tests sanitizer", then STAGES=bench.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+STAGES=${STAGES:-"tests sanitizer bench"}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -34,10 +41,13 @@ else
   echo "BUILD FAILED (see build.log)" | tee -a "$OUT/summary.txt"; tail -n 30 "$OUT/build.log"; exit 1
 fi
 
+if want tests; then
 step "pytest (CUDA tests and the rest)"
 "$PY" -m pytest tests/python -q -rs -p no:cacheprovider >"$OUT/pytest.log" 2>&1 || status=1
 tail -n 5 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
+fi
 
+if want sanitizer; then
 step "compute-sanitizer memcheck on the CUDA kernels"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # The quantize kernels in full; the matmul kernels on every algo for one format (memcheck
@@ -51,7 +61,9 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
 else
   echo "compute-sanitizer not found" | tee -a "$OUT/summary.txt"
 fi
+fi
 
+if want bench; then
 step "benchmark: AdamW step (fourbit 32/8-bit, paged, evicted) vs bitsandbytes and torch fused"
 "$PY" benchmarks/bench_optim.py --device cuda --json "$OUT/bench_optim.json" >"$OUT/bench_optim.md" 2>&1 || status=1
 cat "$OUT/bench_optim.md"
@@ -64,5 +76,6 @@ step "benchmark: 4-bit matmul vs bitsandbytes vs torch bf16 (and each fourbit ke
 "$PY" benchmarks/bench_matmul.py --device cuda --algos --json "$OUT/bench_matmul.json" \
   >"$OUT/bench_matmul.md" 2>"$OUT/bench_matmul.log" || status=1
 cat "$OUT/bench_matmul.md"
+fi
 
 exit $status
