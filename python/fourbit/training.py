@@ -27,8 +27,10 @@ Differences from PEFT, on purpose:
 - On transformers versions that have ``activation_checkpointing_enable`` (the successor of
   the deprecated ``gradient_checkpointing_enable``), that is what is called, so no
   deprecation warning is raised; the kwargs go to ``torch.utils.checkpoint`` either way.
-- PEFT passes ``{}`` to transformers when ``gradient_checkpointing_kwargs`` is None, which
-  leaves ``use_reentrant`` to torch's default; so does this function.
+- ``gradient_checkpointing_kwargs=None``: PEFT passes ``{}`` to transformers, which leaves
+  ``use_reentrant`` to torch's default (and torch warns that it must be passed); here None
+  is passed on, so the model's own default applies (transformers 4.35+ fills in
+  ``use_reentrant``). The input-grad hook is installed for None, as in PEFT.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def _enable_input_require_grads(model: nn.Module) -> bool:
     return True
 
 
-def _enable_checkpointing(model: nn.Module, kwargs: dict) -> bool:
+def _enable_checkpointing(model: nn.Module, kwargs: Optional[dict]) -> bool:
+    """``kwargs=None`` leaves the checkpoint arguments to the model's default."""
     enable = getattr(model, "activation_checkpointing_enable", None)
     if callable(enable):
         enable(activation_checkpointing_kwargs=kwargs)
@@ -95,7 +98,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         use_gradient_checkpointing: enable gradient checkpointing (and the input-grad hook
             that reentrant checkpointing needs) where the model supports it.
         gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint.checkpoint``
-            through the model, e.g. ``{"use_reentrant": False}``; None is ``{}``.
+            through the model, e.g. ``{"use_reentrant": False}``; None: the model's default.
 
     Raises:
         ValueError: ``model`` not an ``nn.Module``, ``gradient_checkpointing_kwargs`` not a
@@ -105,9 +108,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(use_gradient_checkpointing, bool):
         raise ValueError(f"use_gradient_checkpointing must be True or False, got {use_gradient_checkpointing!r}")
-    if gradient_checkpointing_kwargs is None:
-        gradient_checkpointing_kwargs = {}
-    elif not isinstance(gradient_checkpointing_kwargs, dict):
+    if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
         raise ValueError(f"gradient_checkpointing_kwargs must be None or a dict, got {gradient_checkpointing_kwargs!r}")
 
     for param in model.parameters():
@@ -118,7 +119,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
 
     if use_gradient_checkpointing:
         # Non-reentrant checkpointing propagates gradients without the hook.
-        if gradient_checkpointing_kwargs.get("use_reentrant", True):
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", True):
             _enable_input_require_grads(model)
-        _enable_checkpointing(model, dict(gradient_checkpointing_kwargs))
+        _enable_checkpointing(model, None if gradient_checkpointing_kwargs is None
+                              else dict(gradient_checkpointing_kwargs))
     return model
