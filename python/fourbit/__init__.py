@@ -24,3 +24,7 @@ def built_with_cuda() -> bool:
 __all__ = ["functional", "QuantState", "matmul_4bit", "built_with_cuda", "__version__"]
 
 from . import nn  # noqa: E402  (Params4bit, Linear4bit, LinearNF4, LinearFP4)
+from .nn import replace_linear  # noqa: E402  (nn.Linear -> Linear4bit, streaming)
+from .training import prepare_model_for_kbit_training  # noqa: E402  (PEFT's function of that name)
+
+__all__ += ["nn", "replace_linear", "prepare_model_for_kbit_training"]
