@@ -31,6 +31,7 @@ namespace {
 Weight4bit weight_arg(const WeightArgs& a, const at::Tensor& act, const char* act_name) {
   CHECK_ARG(a.N >= 0, "N (out_features) must be >= 0, got ", a.N);
   CHECK_ARG(a.K >= 0, "K (in_features) must be >= 0, got ", a.K);
+  CHECK_ARG(a.K == 0 || a.N <= INT64_MAX / a.K, "N * K overflows int64 (N=", a.N, ", K=", a.K, ")");
   check_blocksize(a.blocksize);
   Weight4bit w;
   w.quant_type = quant_type_arg(a.quant_type);

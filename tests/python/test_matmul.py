@@ -267,6 +267,8 @@ def test_errors_name_the_argument_and_value():
         op(X, W, absmax, nested_absmax, nested_code, offset, None, 32, 256, "int4", 8, 32)
     with pytest.raises(ValueError, match="algo must be one of .* got 'fastest'"):
         op(X, W, absmax, nested_absmax, nested_code, offset, None, *config, "fastest")
+    with pytest.raises(ValueError, match="N \\* K overflows int64"):
+        op(X, W, absmax, nested_absmax, nested_code, offset, None, 32, 256, "nf4", 2 ** 40, 2 ** 40)
     with pytest.raises(ValueError, match="N \\(out_features\\) must be >= 0, got -8"):
         op(X, W, absmax, nested_absmax, nested_code, offset, None, 32, 256, "nf4", -8, 32)
     with pytest.raises(ValueError, match=r"grad_output's last dimension must equal out_features N=8"):
