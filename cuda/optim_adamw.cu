@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "code_search.cuh"
 #include "common.cuh"
 #include "fourbit/codebook.h"
 #include "fourbit/optim.h"
@@ -136,22 +137,6 @@ __device__ __forceinline__ void store_codes(uint8_t* dst, int valid, bool vec, c
   for (int j = 0; j < 8; ++j) {
     if (j < valid) dst[j] = in[j];
   }
-}
-
-// First index in code[0..256) whose value is >= x (std::lower_bound): duplicated map entries
-// resolve to their first index, as quantize_blockwise does.
-__device__ __forceinline__ int lower_bound_256(const float* code, float x) {
-  int lo = 0, count = kDynamicMapSize;
-  while (count > 0) {
-    const int step = count / 2;
-    if (code[lo + step] < x) {
-      lo += step + 1;
-      count -= step + 1;
-    } else {
-      count = step;
-    }
-  }
-  return lo;
 }
 
 // Nearest code (ties to the lower index, NaN -> 0): the CPU twin's branchless search.

@@ -6,6 +6,7 @@
 // search over the code held in shared memory (8 steps) plus one neighbour comparison.
 // Dequantize: one thread per element, code in shared memory; the nested-absmax users
 // (4-bit dequantize) decode inside their own kernel instead of calling this.
+#include "code_search.cuh"
 #include "common.cuh"
 #include "fourbit/codebook.h"
 #include "fourbit/quantize.h"
@@ -22,21 +23,6 @@ __device__ __forceinline__ int upper_bound_256(const float* code, float x) {
   while (count > 0) {
     const int step = count / 2;
     if (!(x < code[lo + step])) {
-      lo += step + 1;
-      count -= step + 1;
-    } else {
-      count = step;
-    }
-  }
-  return lo;
-}
-
-// First index in code[0..256) whose value is >= x (std::lower_bound).
-__device__ __forceinline__ int lower_bound_256(const float* code, float x) {
-  int lo = 0, count = kDynamicMapSize;
-  while (count > 0) {
-    const int step = count / 2;
-    if (code[lo + step] < x) {
       lo += step + 1;
       count -= step + 1;
     } else {

@@ -245,36 +245,45 @@ void blocked_product(const T* A, int64_t M, int64_t R, int64_t cols, const T* bi
   for_each_output_tile<Fp32Scratch>(M, R, cols, kRowChunk, kFp32Micro, bias, C, task);
 }
 
-// Forward for small M: each weight row decoded once, in L1-sized pieces, dotted with every
-// activation row.
-template <typename T>
-void gemv_forward(const Gemm4bitParams& p, const float* code) {
-  const Weight4bit& w = p.weight;
-  const int64_t M = p.M, N = w.N, K = w.K;
-  const T* x = static_cast<const T*>(p.x);
+// Forward for small M: each weight row decoded once, in L1-sized pieces of WElem
+// (`decode(g, len, piece)`), and dotted with every activation row while the piece is hot
+// (`dot(rows, len, x, ldx, piece, acc)`); bias added in fp32, rounded once to T.
+template <typename T, typename WElem, typename XElem, typename Decode, typename Dot>
+void gemv_rows(const Gemm4bitParams& p, const XElem* x, const Decode& decode, const Dot& dot) {
+  const int64_t M = p.M, N = p.weight.N, K = p.weight.K;
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
+#pragma omp parallel for schedule(static) if (M * N * K >= kParallelMinFlops)
+  for (int64_t n = 0; n < N; ++n) {
+    WElem piece[kGemvPiece];
+    float acc[kGemvMaxRows] = {};
+    for (int64_t k0 = 0; k0 < K; k0 += kGemvPiece) {
+      const int64_t len = std::min(kGemvPiece, K - k0);
+      decode(n * K + k0, len, piece);
+      dot(static_cast<int>(M), len, x + k0, K, piece, acc);
+    }
+    const float b = bias ? detail::to_float(bias[n]) : 0.0f;
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = detail::from_float<T>(acc[m] + b);
+  }
+}
+
+// The fp32 gemv: activations converted to fp32 once, weights decoded to fp32.
+template <typename T>
+void gemv_forward(const Gemm4bitParams& p, const float* code) {
+  const T* x = static_cast<const T*>(p.x);
   std::vector<float> x_converted;
   const float* xf = nullptr;
   if constexpr (std::is_same<T, float>::value) {
     xf = x;
   } else {
-    x_converted.resize(M * K);
-    for (int64_t i = 0; i < M * K; ++i) x_converted[i] = detail::to_float(x[i]);
+    x_converted.resize(p.M * p.weight.K);
+    for (size_t i = 0; i < x_converted.size(); ++i) x_converted[i] = detail::to_float(x[i]);
     xf = x_converted.data();
   }
-#pragma omp parallel for schedule(static) if (M * N * K >= kParallelMinFlops)
-  for (int64_t n = 0; n < N; ++n) {
-    float piece[kGemvPiece];
-    float acc[kGemvMaxRows] = {};
-    for (int64_t k0 = 0; k0 < K; k0 += kGemvPiece) {
-      const int64_t len = std::min(kGemvPiece, K - k0);
-      detail::decode_weight_span(w, code, n * K + k0, len, piece);
-      detail::dot_rows(static_cast<int>(M), len, xf + k0, K, piece, acc);
-    }
-    const float b = bias ? detail::to_float(bias[n]) : 0.0f;
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = detail::from_float<T>(acc[m] + b);
-  }
+  auto decode = [&](int64_t g, int64_t len, float* out) {
+    detail::decode_weight_span(p.weight, code, g, len, out);
+  };
+  gemv_rows<T, float>(p, xf, decode, detail::dot_rows);
 }
 
 // ---------------------------------------------------------------------------- bf16 path
@@ -284,8 +293,6 @@ void gemv_forward(const Gemm4bitParams& p, const float* code) {
 // words of two bf16 values (reduction rows 2p and 2p + 1).
 
 using Bf16Bits = uint16_t;
-
-const Bf16Bits* bf16_bits(const void* p) { return static_cast<const Bf16Bits*>(p); }
 
 struct Bf16Scratch {
   std::vector<uint32_t> b_tile = std::vector<uint32_t>(kRedTile / 2 * kColTile);
@@ -332,24 +339,13 @@ void blocked_product_bf16(const detail::BFloat16* A, int64_t M, int64_t R, int64
   for_each_output_tile<Bf16Scratch>(M, R, cols, kRowChunkBf16, kBf16Micro, bias, C, task);
 }
 
+// The bf16 gemv: bf16 activations read as they are, weights decoded to bf16.
 void gemv_forward_bf16(const Gemm4bitParams& p, const float* code) {
-  const Weight4bit& w = p.weight;
-  const int64_t M = p.M, N = w.N, K = w.K;
-  const Bf16Bits* x = bf16_bits(p.x);
-  const Bf16Bits* bias = bf16_bits(p.bias);
-  detail::BFloat16* y = static_cast<detail::BFloat16*>(p.y);
-#pragma omp parallel for schedule(static) if (M * N * K >= kParallelMinFlops)
-  for (int64_t n = 0; n < N; ++n) {
-    Bf16Bits piece[kGemvPiece];
-    float acc[kGemvMaxRows] = {};
-    for (int64_t k0 = 0; k0 < K; k0 += kGemvPiece) {
-      const int64_t len = std::min(kGemvPiece, K - k0);
-      detail::decode_weight_span_bf16(w, code, n * K + k0, len, piece);
-      detail::dot_rows_bf16_avx512(static_cast<int>(M), len, x + k0, K, piece, acc);
-    }
-    const float b = bias ? detail::bf16_to_float(bias[n]) : 0.0f;
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = detail::from_float<detail::BFloat16>(acc[m] + b);
-  }
+  auto decode = [&](int64_t g, int64_t len, Bf16Bits* out) {
+    detail::decode_weight_span_bf16(p.weight, code, g, len, out);
+  };
+  gemv_rows<detail::BFloat16, Bf16Bits>(p, static_cast<const Bf16Bits*>(p.x), decode,
+                                        detail::dot_rows_bf16_avx512);
 }
 
 void gemm_forward_bf16(const Gemm4bitParams& p, const float* code) {

@@ -495,31 +495,34 @@ AdamWCoefficients adamw_coefficients(const AdamWHyperParams& h, int64_t step) {
   return c;
 }
 
-AdamWTensor as_table_entry(const AdamW32bitParams& p) {
+namespace {
+// The fields every single-tensor call shares.
+template <typename Params>
+AdamWTensor common_entry(const Params& p, StateBits bits) {
   AdamWTensor t;
   t.param = p.param;
   t.grad = p.grad;
   t.dtype = p.dtype;
-  t.bits = StateBits::Bits32;
-  t.state1 = p.exp_avg;
-  t.state2 = p.exp_avg_sq;
+  t.bits = bits;
   t.numel = p.numel;
   t.step = p.step;
   return t;
 }
+}  // namespace
+
+AdamWTensor as_table_entry(const AdamW32bitParams& p) {
+  AdamWTensor t = common_entry(p, StateBits::Bits32);
+  t.state1 = p.exp_avg;
+  t.state2 = p.exp_avg_sq;
+  return t;
+}
 
 AdamWTensor as_table_entry(const AdamW8bitParams& p) {
-  AdamWTensor t;
-  t.param = p.param;
-  t.grad = p.grad;
-  t.dtype = p.dtype;
-  t.bits = StateBits::Bits8;
+  AdamWTensor t = common_entry(p, StateBits::Bits8);
   t.state1 = p.state1;
   t.state2 = p.state2;
   t.absmax1 = p.absmax1;
   t.absmax2 = p.absmax2;
-  t.numel = p.numel;
-  t.step = p.step;
   return t;
 }
 

@@ -52,9 +52,9 @@ def _check_blocksize(blocksize, name="blocksize"):
         raise ValueError(f"{name} must be one of {_VALID_BLOCKSIZES}, got {blocksize!r}")
 
 
-def _check_quant_type(quant_type):
+def _check_quant_type(quant_type, name="quant_type"):
     if quant_type not in _VALID_QUANT_TYPES:
-        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+        raise ValueError(f"{name} must be 'nf4' or 'fp4', got {quant_type!r}")
 
 
 def _check_float_dtype(dtype, name):

@@ -29,26 +29,13 @@ from typing import Any, Optional
 import torch
 
 from .. import functional as F
-
-_VALID_QUANT_TYPES = ("nf4", "fp4")
-_VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def _check_quant_type(quant_type, name="quant_type"):
-    if quant_type not in _VALID_QUANT_TYPES:
-        raise ValueError(f"{name} must be 'nf4' or 'fp4', got {quant_type!r}")
-
+from ..functional import _check_blocksize, _check_quant_type  # noqa: F401 (re-exported to nn)
 
 def _check_quant_storage(quant_storage, name="quant_storage"):
     if (not isinstance(quant_storage, torch.dtype) or quant_storage.is_complex
             or quant_storage == torch.bool):
         raise ValueError(f"{name} must be a real torch dtype (torch.uint8 by default, or the model's "
                          f"float dtype for FSDP), got {quant_storage!r}")
-
-
-def _check_blocksize(blocksize, name="blocksize"):
-    if blocksize not in _VALID_BLOCKSIZES:
-        raise ValueError(f"{name} must be one of {_VALID_BLOCKSIZES}, got {blocksize!r}")
 
 
 # The attributes a Params4bit carries besides its data (bitsandbytes' names).
