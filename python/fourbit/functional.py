@@ -447,8 +447,54 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, out: 
     return result
 
 
+# ---------------------------------------------------------------------------- LoRA on a 4-bit weight
+
+def _lora_4bit(x: torch.Tensor, W: torch.Tensor, weight_args: tuple, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               scaling: float, bias: Optional[torch.Tensor], x_lora: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ deq(W)^T + bias + scaling * (x_lora @ lora_A^T) @ lora_B^T`` (``x_lora`` defaults
+    to ``x``; it is the dropped-out input when LoRA dropout is on). ``weight_args`` are
+    gemm_4bit's arguments after ``W``; every tensor is already in ``x``'s dtype and device.
+    Differentiable in x, x_lora, lora_A, lora_B and bias. The one place the LoRA product is
+    computed, for ``lora_matmul_4bit``, ``nn.LoraLinear4bit`` and the PEFT layer."""
+    absmax, nested_absmax, nested_code, offset, *config = weight_args
+    y = torch.ops.fourbit.gemm_4bit(x, W, absmax, nested_absmax, nested_code, offset, bias, *config)
+    xa = torch.nn.functional.linear(x if x_lora is None else x_lora, lora_A)
+    return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_B.t(),
+                       alpha=scaling).view(y.shape)
+
+
+def lora_matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, scaling: float, bias: Optional[torch.Tensor] = None,
+                     A_lora: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``matmul_4bit(A, B, quant_state, bias=bias) + scaling * (A_lora @ lora_A^T) @ lora_B^T``:
+    a 4-bit linear layer with a LoRA adapter (``lora_A``: ``[r, in_features]``, ``lora_B``:
+    ``[out_features, r]``), ``A_lora`` defaulting to ``A`` (pass the dropped-out input for
+    LoRA dropout). The adapter weights are cast to ``A.dtype`` for the product (gradients
+    flow back to them in their own dtype). Differentiable in A, A_lora, lora_A, lora_B and
+    bias; the 4-bit weight is frozen."""
+    if quant_state is None:
+        raise ValueError("lora_matmul_4bit needs the weight's quant_state, got None")
+    for name, t in (("A", A), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    _check_float_dtype(A.dtype, "A.dtype")
+    W, *weight_args = _weight_args(B, quant_state)
+    N, K = weight_args[-2], weight_args[-1]
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must be [r, in_features={K}], got shape {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must be [out_features={N}, r={r}], got shape {tuple(lora_B.shape)}")
+    if A_lora is not None and A_lora.shape != A.shape:
+        raise ValueError(f"A_lora must have A's shape {tuple(A.shape)}, got {tuple(A_lora.shape)}")
+    dtype = A.dtype
+    bias = None if bias is None else bias.to(dtype)
+    A_lora = None if A_lora is None else A_lora.to(dtype)
+    return _lora_4bit(A, W, tuple(weight_args), lora_A.to(dtype), lora_B.to(dtype), float(scaling), bias, A_lora)
+
+
 __all__ = [
     "QuantState", "get_4bit_type", "create_dynamic_map", "quantize_blockwise", "dequantize_blockwise",
     "quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4", "dequantize_nf4", "dequantize_fp4",
-    "matmul_4bit",
+    "matmul_4bit", "lora_matmul_4bit",
 ]

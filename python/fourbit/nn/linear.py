@@ -126,7 +126,10 @@ class Linear4bit(nn.Linear):
                                f"[{self.out_features}, {self.in_features}]")
         return F._weight_args(None, quant_state)[1:]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _gemm_inputs(self, x: torch.Tensor):
+        """What a forward hands to the fused op: (x cast to the compute dtype, the input's
+        dtype, gemm_4bit's weight arguments after W, the bias in the compute dtype or None).
+        Shared with ``LoraLinear4bit``, whose base product is this layer's."""
         weight = self.weight
         quant_state = getattr(weight, "quant_state", None)
         if quant_state is None:
@@ -150,7 +153,11 @@ class Linear4bit(nn.Linear):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        out = torch.ops.fourbit.gemm_4bit(x, weight, args[0], args[1], args[2], args[3], bias, *args[4:])
+        return x, inp_dtype, args, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, inp_dtype, args, bias = self._gemm_inputs(x)
+        out = torch.ops.fourbit.gemm_4bit(x, self.weight, args[0], args[1], args[2], args[3], bias, *args[4:])
         return out if out.dtype == inp_dtype else out.to(inp_dtype)
 
     # ------------------------------------------------------------------ checkpoints
