@@ -321,7 +321,7 @@ def _is_convertible(module: nn.Module) -> bool:
 
 @dataclass
 class _Plan:
-    """What to load: per module name, its 4-bit layer kind or None; the key mapping."""
+    """What ``_load`` reads into the model ``_plan`` built and checked."""
 
     model: nn.Module
     quantized: dict[str, str]  # module name -> "quantize" (float checkpoint) or "load" (4-bit entries)
@@ -408,7 +408,7 @@ def from_pretrained(path: Union[str, os.PathLike], quantization_config=None, *, 
                 module._buffers[name] = buf.to(device)
 
     plan = _plan(model, checkpoint, opts, pre_quantized=saved is not None)
-    _load(plan, checkpoint, dtype, device, opts)
+    _load(plan, checkpoint, dtype, device)
     model.config.quantization_config = opts.to_bnb_dict()
     model.is_loaded_in_4bit = True
     return model.eval()
@@ -606,8 +606,7 @@ def _module_params(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def _load(plan: _Plan, checkpoint: _Checkpoint, dtype: torch.dtype, device: torch.device,
-          opts: QuantOptions) -> None:
+def _load(plan: _Plan, checkpoint: _Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
     """Reads the checkpoint one module at a time into the model planned by ``_plan``."""
     model = plan.model
     present = plan.present
