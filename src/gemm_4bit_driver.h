@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dequantize_4bit_avx512.h"
 #include "element_io.h"
 #include "fourbit/gemm.h"
 #include "gemm_4bit_kernels.h"
