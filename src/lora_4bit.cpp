@@ -6,7 +6,7 @@
 //             Y  = X deq(W)^T      the blocked 4-bit driver; its finish adds
 //                  + s XA B^T      the r-deep product (s XA)[tile rows] @ B^T[:, tile cols]
 //                  + bias          with the micro-kernel, then bias, and rounds once
-//   backward  G  = s dY B          fp32 [M, r], rows in parallel
+//   backward  G  = s dY B          fp32 [M, r], the driver with B's rows as a dense B
 //             dX = dY deq(W)       the blocked input-gradient driver; its finish extends
 //                  + G A           the reduction by the r dense rows of A (G as their
 //                                  activations), i.e. [dY, G] @ [deq(W); A] in one pass
@@ -239,21 +239,19 @@ void backward(const Lora4bitBackwardParams& p) {
   const bool adapter_into_dx = p.grad_input && !p.separate_lora_input;
   const bool need_g = adapter_into_dx || p.grad_input_lora || p.grad_a;
 
-  // G = s dY B, fp32 [M, r]: per row, sum_n dY[m][n] B[n][:] (r-wide, contiguous).
+  // G = s dY B, fp32 [M, r]: the blocked driver with B's rows as the dense B tile.
   std::vector<float> g;
   if (need_g) {
     const std::vector<float> b32 = to_fp32<T>(p.lora_b, N * r);
     g.assign(static_cast<size_t>(M * r), 0.0f);
-#pragma omp parallel for schedule(static) if (M * N * r >= detail::kParallelMinFlops)
-    for (int64_t m = 0; m < M; ++m) {
-      float* gm = g.data() + m * r;
-      for (int64_t n = 0; n < N; ++n) {
-        const float d = detail::to_float(dy[m * N + n]);
-        const float* bn = b32.data() + n * r;
-        for (int64_t q = 0; q < r; ++q) gm[q] += d * bn[q];
-      }
-      for (int64_t q = 0; q < r; ++q) gm[q] *= s;
-    }
+    detail::blocked_product(dy, M, N, r, RowsOf{b32.data(), r},
+                            [&](const OutputTile& t, const float* acc) {
+                              for (int64_t i = 0; i < t.mlen; ++i) {
+                                for (int64_t j = 0; j < t.clen; ++j) {
+                                  g[(t.m0 + i) * r + t.c0 + j] = s * acc[i * t.ld + j];
+                                }
+                              }
+                            });
   }
   const std::vector<float> a32 =
       (adapter_into_dx || p.grad_input_lora) ? to_fp32<T>(p.lora_a, r * K) : std::vector<float>();
