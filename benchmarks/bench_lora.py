@@ -12,6 +12,9 @@ Y.backward(dY) giving dX, dA and dB (X requires grad, as inside a network).
 
 - ``fourbit``: ``fourbit.nn.LoraLinear4bit`` on a ``fourbit.nn.Linear4bit`` (nested NF4,
   blocksize 64), i.e. the fused op torch.ops.fourbit.lora_4bit and its backward.
+- ``fourbit-unfused``: the same layer's math composed of ``torch.ops.fourbit.gemm_4bit``
+  and torch matmuls (``linear`` for X A^T, ``addmm`` for the B product, scale and add),
+  autograd through each: what the fusion saves.
 - ``bnb+peft``: ``peft.get_peft_model`` on a ``bitsandbytes.nn.Linear4bit`` (same format).
 - ``bf16+peft``: ``peft.get_peft_model`` on a bf16 ``torch.nn.Linear`` (the target: the
   issue asks fourbit <= 1.05x this time on an H100 at M = 4096).
@@ -95,6 +98,24 @@ def load_bnb():
         return None, None
 
 
+class UnfusedLora(torch.nn.Module):
+    """fourbit's LoRA layer computed without the fused op: gemm_4bit for the base, then
+    PEFT-style separate products for the adapter."""
+
+    def __init__(self, fused: torch.nn.Module):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x):
+        f = self.fused
+        x, _, args, bias = f.base_layer._gemm_inputs(x)  # x: [M, K] in the bench
+        absmax, nested_absmax, nested_code, offset, *config = args
+        y = torch.ops.fourbit.gemm_4bit(x, f.base_layer.weight.data, absmax, nested_absmax, nested_code, offset,
+                                        bias, *config)
+        xa = torch.nn.functional.linear(x, f.lora_A.weight)
+        return torch.addmm(y, xa, f.lora_B.weight.t(), alpha=f.scaling)
+
+
 class OneLayer(torch.nn.Module):
     """A model of one projection, the unit PEFT's target_modules picks."""
 
@@ -127,7 +148,7 @@ def contenders(W, A, B, device, bnb) -> dict[str, torch.nn.Module]:
     with torch.no_grad():
         ours.lora_A.weight.copy_(A)
         ours.lora_B.weight.copy_(B)
-    layers = {"fourbit": ours}
+    layers = {"fourbit": ours, "fourbit-unfused": UnfusedLora(ours)}
     if bnb is not None:
         base_bnb = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=DTYPE, compress_statistics=True,
                                      quant_type="nf4")
@@ -183,7 +204,7 @@ def bench_row(name, N, K, M, args, device, timer, bnb) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    labels = ["fourbit", "bnb+peft", "bf16+peft"]
+    labels = ["fourbit", "fourbit-unfused", "bnb+peft", "bf16+peft"]
     head = ("| weight | M | " + " | ".join(f"{k} ms" for k in labels)
             + " | fourbit / bf16+peft | bnb+peft / bf16+peft |")
     lines = [head, "|" + "---|" * (2 + len(labels) + 2)]

@@ -78,8 +78,10 @@ void validate(const Lora4bitBackwardParams& p) {
   base.grad_output = p.grad_output;
   base.M = p.M;
   base.dtype = p.dtype;
-  // grad_input is optional here: validate the base with a stand-in when it is null.
-  base.grad_input = p.grad_input ? p.grad_input : const_cast<void*>(p.grad_output);
+  // grad_input is optional here: validate the rest of the base with a stand-in when it is
+  // null (never written: the backward skips dX then).
+  static char unused_grad_input;
+  base.grad_input = p.grad_input ? p.grad_input : &unused_grad_input;
   validate_base(base, op);
   check_rank(p.r, op);
   const int64_t N = p.weight.N, K = p.weight.K, M = p.M, r = p.r;

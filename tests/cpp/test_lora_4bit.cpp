@@ -305,6 +305,23 @@ TEST(Lora4bit, EmptyDimensions) {
     EXPECT_EQ(da, std::vector<float>(r * 6, 0.0f));
     EXPECT_EQ(db, std::vector<float>(4 * r, 0.0f));
   }
+  {
+    // N = 0 (no dY at all): dA = 0, and no dX requested is not an error.
+    const QuantizedWeight w(0, 6, 64, QuantType::NF4, false, 1);
+    const auto x = fourbit_test::normal_data(3 * 6, 5);
+    std::vector<float> a(r * 6, 1.0f), da(r * 6, 9.0f), xa(3 * r, 1.0f);
+    fourbit::Lora4bitBackwardParams g;
+    g.weight = w.view();
+    g.x_lora = x.data();
+    g.xa = xa.data();
+    g.lora_a = a.data();
+    g.grad_a = da.data();
+    g.M = 3;
+    g.r = r;
+    g.dtype = DType::Float32;
+    fourbit::lora_4bit_backward(g);
+    EXPECT_EQ(da, std::vector<float>(r * 6, 0.0f));
+  }
 }
 
 TEST(Lora4bit, RejectsBadArguments) {
