@@ -7,7 +7,7 @@
 # docs/BENCHMARKS.md for the pip download line) and run `bash scripts/gpu_check.sh`.
 #
 # STAGES picks the parts (default: all): "tests" (pytest), "sanitizer" (compute-sanitizer),
-# "bench" (the three benchmarks). The build always runs and is incremental, so where one
+# "bench" (the benchmarks). The build always runs and is incremental, so where one
 # call is limited in time (the device tool: 10 minutes), run it as two calls on the warm
 # machine: STAGES="tests sanitizer", then STAGES=bench.
 set -uo pipefail
@@ -45,6 +45,10 @@ if want tests; then
 step "pytest (CUDA tests and the rest)"
 "$PY" -m pytest tests/python -q -rs -p no:cacheprovider >"$OUT/pytest.log" 2>&1 || status=1
 tail -n 5 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
+
+step "pytest: the CUDA LoRA op (core kernels at small M, cuBLAS path at M = 1500)"
+"$PY" -m pytest tests/python/test_lora_op.py -q -rs -p no:cacheprovider -k cuda >"$OUT/pytest_lora.log" 2>&1 || status=1
+tail -n 3 "$OUT/pytest_lora.log" | tee -a "$OUT/summary.txt"
 fi
 
 if want sanitizer; then
@@ -58,6 +62,13 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     >"$OUT/sanitizer.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && status=1
   echo "memcheck exit code $rc" | tee -a "$OUT/summary.txt"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -n 3 | tee -a "$OUT/summary.txt"
+  # The LoRA adapter kernels (cuda/lora_4bit.cu): one dtype x format, every shape.
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$PY" -m pytest tests/python/test_lora_op.py -q -x -p no:cacheprovider \
+    -k "test_cuda_forward_and_backward_match_reference and bfloat16 and nf4 and nested" \
+    >"$OUT/sanitizer_lora.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && status=1
+  echo "memcheck (LoRA) exit code $rc" | tee -a "$OUT/summary.txt"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_lora.log" | tail -n 3 | tee -a "$OUT/summary.txt"
 else
   echo "compute-sanitizer not found" | tee -a "$OUT/summary.txt"
 fi
@@ -76,6 +87,11 @@ step "benchmark: 4-bit matmul vs bitsandbytes vs torch bf16 (and each fourbit ke
 "$PY" benchmarks/bench_matmul.py --device cuda --algos --json "$OUT/bench_matmul.json" \
   >"$OUT/bench_matmul.md" 2>"$OUT/bench_matmul.log" || status=1
 cat "$OUT/bench_matmul.md"
+
+step "benchmark: LoRA layer fwd+bwd, r=16, M=4096: fourbit vs bitsandbytes+PEFT vs bf16+PEFT"
+"$PY" benchmarks/bench_lora.py --device cuda --ms 512 4096 --json "$OUT/bench_lora.json" \
+  >"$OUT/bench_lora.md" 2>"$OUT/bench_lora.log" || status=1
+cat "$OUT/bench_lora.md"
 fi
 
 exit $status

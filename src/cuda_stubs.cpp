@@ -2,6 +2,7 @@
 // buffers still work in such a build; see include/fourbit/paging.h.)
 #include "fourbit/error.h"
 #include "fourbit/gemm.h"
+#include "fourbit/lora.h"
 #include "fourbit/optim.h"
 #include "fourbit/paging.h"
 #include "fourbit/quantize.h"
@@ -29,6 +30,12 @@ void dequantize_blockwise_cuda(const DequantizeBlockwiseParams&, cudaStream_t) {
 void gemm_4bit_cuda(const Gemm4bitParams&, cudaStream_t, Gemm4bitAlgo) { no_cuda("gemm_4bit_cuda"); }
 void gemm_4bit_grad_input_cuda(const Gemm4bitGradInputParams&, cudaStream_t, Gemm4bitAlgo) {
   no_cuda("gemm_4bit_grad_input_cuda");
+}
+void lora_4bit_forward_cuda(const Lora4bitForwardParams&, cudaStream_t) {
+  no_cuda("lora_4bit_forward_cuda");
+}
+void lora_4bit_backward_cuda(const Lora4bitBackwardParams&, cudaStream_t) {
+  no_cuda("lora_4bit_backward_cuda");
 }
 void adamw_step_cuda(const AdamWMultiTensorParams&, cudaStream_t) { no_cuda("adamw_step_cuda"); }
 void adamw_step_32bit_cuda(const AdamW32bitParams&, cudaStream_t) {

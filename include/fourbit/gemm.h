@@ -48,7 +48,7 @@ struct Gemm4bitGradInputParams {
   DType dtype = DType::BFloat16;
 };
 
-// Which CUDA kernel runs a product. Auto picks by shape (see cuda/gemm_4bit_dispatch.cu);
+// Which CUDA kernel runs a product. Auto picks by shape (see cuda/gemm_4bit.cu);
 // the others force one kernel (benchmarks and tests use them).
 enum class Gemm4bitAlgo : int {
   Auto = 0,

@@ -24,10 +24,7 @@ TORCH_LIBRARY_FRAGMENT(fourbit, m) {
 
 namespace fourbit {
 namespace binding {
-namespace {
 
-// Checks the weight tensors against the activation `act` (named `act_name`) and returns
-// the core's view of the weight.
 Weight4bit weight_arg(const WeightArgs& a, const at::Tensor& act, const char* act_name) {
   CHECK_ARG(a.N >= 0, "N (out_features) must be >= 0, got ", a.N);
   CHECK_ARG(a.K >= 0, "K (in_features) must be >= 0, got ", a.K);
@@ -80,7 +77,6 @@ Weight4bit weight_arg(const WeightArgs& a, const at::Tensor& act, const char* ac
   return w;
 }
 
-// Rows of an activation whose last dimension must be `cols`.
 int64_t activation_rows(const at::Tensor& t, const char* name, int64_t cols, const char* what) {
   CHECK_ARG(t.dim() >= 1, name, " must have at least one dimension, got a scalar");
   CHECK_ARG(t.size(-1) == cols, name, "'s last dimension must equal ", what, "=", cols,
@@ -95,8 +91,6 @@ std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
   out.back() = last;
   return out;
 }
-
-}  // namespace
 
 ForwardCall prepare_forward(const at::Tensor& X, const WeightArgs& a,
                             const std::optional<at::Tensor>& bias) {

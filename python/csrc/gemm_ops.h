@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "fourbit/gemm.h"
 
@@ -27,6 +28,16 @@ struct WeightArgs {
   int64_t N;
   int64_t K;
 };
+
+// Checks the weight tensors against the activation `act` (named `act_name`) and returns
+// the core's view of the weight.
+Weight4bit weight_arg(const WeightArgs& a, const at::Tensor& act, const char* act_name);
+
+// Rows of an activation `t` (named `name`) whose last dimension must be `cols` (`what`).
+int64_t activation_rows(const at::Tensor& t, const char* name, int64_t cols, const char* what);
+
+// `sizes` with its last entry replaced by `last`.
+std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last);
 
 // A checked forward call: Y = X @ deq(W)^T + bias. `x` is X made contiguous; `y` is the
 // freshly allocated output of shape X.shape[:-1] + [N]; `params` points into both.

@@ -11,29 +11,16 @@
 
 #include "checks.h"
 #include "gemm_ops.h"
+#include "gemm_ops_cuda.h"
 
-namespace {
-
-using fourbit::binding::ForwardCall;
-using fourbit::binding::GemmAlgo;
-using fourbit::binding::GradInputCall;
-
-// Activation rows from which cuBLAS (after the dequantize) takes over: at large M the GEMM
-// dominates and the one extra pass over the weight is a few percent of it. An estimate
-// from the H100 anchors (bitsandbytes' fused kernel loses to dequantize + cuBLAS above
-// M ~ 1536); to be tuned with benchmarks/bench_matmul.py on the GPU.
-constexpr int64_t kCublasMinRows = 1024;
-// Rows the core's gemv kernel takes at once (cuda/gemm_4bit_kernels.cuh).
-constexpr int64_t kGemvMaxRows = 8;
+namespace fourbit {
+namespace binding {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// The weight dequantized to `dtype` in one pass (a fresh tensor; the caching allocator
-// hands back the same block call after call).
-at::Tensor dequantized_weight(const fourbit::Weight4bit& w, fourbit::DType dtype,
-                              const at::TensorOptions& options) {
+at::Tensor dequantized_weight(const Weight4bit& w, DType dtype, const at::TensorOptions& options) {
   at::Tensor out = at::empty({w.N, w.K}, options);
-  fourbit::Dequantize4bitParams d;
+  Dequantize4bitParams d;
   d.packed = w.packed;
   d.scales = w.scales;
   d.numel = w.N * w.K;
@@ -41,9 +28,23 @@ at::Tensor dequantized_weight(const fourbit::Weight4bit& w, fourbit::DType dtype
   d.quant_type = w.quant_type;
   d.out = out.mutable_data_ptr();
   d.out_dtype = dtype;
-  fourbit::binding::run_core([&] { fourbit::dequantize_4bit_cuda(d, current_stream()); });
+  run_core([&] { dequantize_4bit_cuda(d, current_stream()); });
   return out;
 }
+
+}  // namespace binding
+}  // namespace fourbit
+
+namespace {
+
+using fourbit::binding::current_stream;
+using fourbit::binding::ForwardCall;
+using fourbit::binding::GemmAlgo;
+using fourbit::binding::GradInputCall;
+using fourbit::binding::kCublasMinRows;
+
+// Rows the core's gemv kernel takes at once (cuda/gemm_4bit_kernels.cuh).
+constexpr int64_t kGemvMaxRows = 8;
 
 fourbit::Gemm4bitAlgo core_algo(GemmAlgo algo) {
   switch (algo) {
@@ -64,7 +65,7 @@ void cuda_forward(const ForwardCall& call) {
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
   if (p.M == 0 || p.weight.N == 0) return;
   if (use_cublas(algo, p.M, p.dtype)) {
-    const at::Tensor w = dequantized_weight(p.weight, p.dtype, call.x.options());
+    const at::Tensor w = fourbit::binding::dequantized_weight(p.weight, p.dtype, call.x.options());
     const at::Tensor x2 = call.x.view({p.M, p.weight.K});
     at::Tensor y2 = call.y.view({p.M, p.weight.N});
     if (call.bias.defined()) {
@@ -83,7 +84,7 @@ void cuda_grad_input(const GradInputCall& call) {
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
   if (p.M == 0 || p.weight.K == 0) return;
   if (use_cublas(algo, p.M, p.dtype)) {
-    const at::Tensor w = dequantized_weight(p.weight, p.dtype, call.grad_output.options());
+    const at::Tensor w = fourbit::binding::dequantized_weight(p.weight, p.dtype, call.grad_output.options());
     at::Tensor dx = call.grad_input.view({p.M, p.weight.K});
     at::mm_out(dx, call.grad_output.view({p.M, p.weight.N}), w);
     return;
@@ -92,13 +93,8 @@ void cuda_grad_input(const GradInputCall& call) {
       [&] { fourbit::gemm_4bit_grad_input_cuda(p, current_stream(), core_algo(algo)); });
 }
 
-struct DeviceGuard {
-  explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
-  c10::cuda::CUDAGuard guard;
-};
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fourbit, CUDA, m) {
-  fourbit::binding::register_gemm_impls<DeviceGuard, &cuda_forward, &cuda_grad_input>(m);
+  fourbit::binding::register_gemm_impls<fourbit::binding::DeviceGuard, &cuda_forward, &cuda_grad_input>(m);
 }

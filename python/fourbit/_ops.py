@@ -126,3 +126,90 @@ def _gemm_4bit_backward(ctx, grad_output):
 
 torch.library.register_autograd(f"{lib}::gemm_4bit", _gemm_4bit_backward,
                                 setup_context=_gemm_4bit_setup_context)
+
+
+# ---------------------------------------------------------------------------- LoRA on a 4-bit weight
+
+LORA_MAX_RANK = 1024  # fourbit::kLoraMaxRank (include/fourbit/lora.h)
+
+
+def _check_adapter(act, name, lora_A, lora_B, N, K):
+    for key, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.device != act.device:
+            raise ValueError(f"{key} is on {t.device} but {name} is on {act.device}")
+        if t.dtype != act.dtype:
+            raise ValueError(f"{key} must have {name}'s dtype {act.dtype}, got {t.dtype}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape [r, in_features K={K}], got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if not 1 <= r <= LORA_MAX_RANK:
+        raise ValueError(f"lora_A's rank r (its first dimension) must be in [1, {LORA_MAX_RANK}], got {r}")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must have shape [N={N}, r={r}], got {tuple(lora_B.shape)}")
+    return r
+
+
+@torch.library.register_fake(f"{lib}::lora_4bit")
+def _(X, W, absmax, nested_absmax, nested_code, offset, bias, blocksize, nested_blocksize, quant_type, N, K,
+      lora_A, lora_B, scaling, X_lora):
+    _check_weight_devices(X, "X", W, absmax, nested_absmax, nested_code, offset, bias)
+    _check_last_dim(X, "X", K, "in_features K")
+    r = _check_adapter(X, "X", lora_A, lora_B, N, K)
+    if X_lora is not None and (X_lora.shape != X.shape or X_lora.dtype != X.dtype or X_lora.device != X.device):
+        raise ValueError(f"X_lora must match X (shape {tuple(X.shape)}, {X.dtype}, {X.device}), got "
+                         f"{tuple(X_lora.shape)}, {X_lora.dtype}, {X_lora.device}")
+    return X.new_empty((*X.shape[:-1], N)), X.new_empty((*X.shape[:-1], r))
+
+
+@torch.library.register_fake(f"{lib}::lora_4bit_backward")
+def _(grad_output, W, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, N, K,
+      lora_A, lora_B, scaling, X_lora, XA, separate_x_lora, output_mask):
+    _check_weight_devices(grad_output, "grad_output", W, absmax, nested_absmax, nested_code, offset)
+    _check_last_dim(grad_output, "grad_output", N, "out_features N")
+    _check_adapter(grad_output, "grad_output", lora_A, lora_B, N, K)
+    x_shape = (*grad_output.shape[:-1], K)
+    shapes = (x_shape, x_shape, tuple(lora_A.shape), tuple(lora_B.shape))
+    return tuple(grad_output.new_empty(shape if wanted else (0,)) for wanted, shape in zip(output_mask, shapes))
+
+
+# Autograd of lora_4bit: the 4-bit weight is frozen; X, X_lora, lora_A, lora_B and bias get
+# gradients from one lora_4bit_backward call (only those needs_input_grad asks for); XA is
+# an output for the backward's sake only and carries no gradient.
+_LORA_X, _LORA_BIAS, _LORA_A, _LORA_B, _LORA_X_LORA = 0, 6, 12, 13, 15
+
+
+def _lora_4bit_setup_context(ctx, inputs, output):
+    (X, W, absmax, nested_absmax, nested_code, offset, _, blocksize, nested_blocksize, quant_type, N, K,
+     lora_A, lora_B, scaling, X_lora) = inputs
+    _, XA = output
+    ctx.mark_non_differentiable(XA)
+    needs = ctx.needs_input_grad
+    ctx.separate = X_lora is not None
+    adapter_input = X_lora if ctx.separate else X
+    ctx.save_for_backward(W, absmax, nested_absmax, nested_code, offset, lora_A, lora_B,
+                          adapter_input if needs[_LORA_A] else None, XA if needs[_LORA_B] else None)
+    ctx.config = (blocksize, nested_blocksize, quant_type, N, K)
+    ctx.scaling = scaling
+
+
+def _lora_4bit_backward(ctx, grad_output, _grad_xa):
+    grads = [None] * 16
+    needs = ctx.needs_input_grad
+    W, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, adapter_input, XA = ctx.saved_tensors
+    want_x_lora = ctx.separate and needs[_LORA_X_LORA]
+    mask = [needs[_LORA_X], want_x_lora, needs[_LORA_A], needs[_LORA_B]]
+    if any(mask):
+        dx, dx_lora, da, db = torch.ops.fourbit.lora_4bit_backward(
+            grad_output, W, absmax, nested_absmax, nested_code, offset, *ctx.config, lora_A, lora_B,
+            ctx.scaling, adapter_input, XA, ctx.separate, mask)
+        grads[_LORA_X] = dx if mask[0] else None
+        grads[_LORA_X_LORA] = dx_lora if mask[1] else None
+        grads[_LORA_A] = da if mask[2] else None
+        grads[_LORA_B] = db if mask[3] else None
+    if needs[_LORA_BIAS]:
+        N = ctx.config[3]
+        grads[_LORA_BIAS] = grad_output.reshape(-1, N).sum(0)
+    return tuple(grads)
+
+
+torch.library.register_autograd(f"{lib}::lora_4bit", _lora_4bit_backward, setup_context=_lora_4bit_setup_context)

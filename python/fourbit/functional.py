@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import _C
+from . import _C, _ops
 
 _VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _VALID_QUANT_TYPES = ("nf4", "fp4")
@@ -455,8 +455,14 @@ def _lora_4bit(x: torch.Tensor, W: torch.Tensor, weight_args: tuple, lora_A: tor
     to ``x``; it is the dropped-out input when LoRA dropout is on). ``weight_args`` are
     gemm_4bit's arguments after ``W``; every tensor is already in ``x``'s dtype and device.
     Differentiable in x, x_lora, lora_A, lora_B and bias. The one place the LoRA product is
-    computed, for ``lora_matmul_4bit``, ``nn.LoraLinear4bit`` and the PEFT layer."""
+    computed, for ``lora_matmul_4bit``, ``nn.LoraLinear4bit`` and the PEFT layer: the fused
+    op ``torch.ops.fourbit.lora_4bit`` (docs/kernels.md, "LoRA"), or, for ranks above its
+    limit (``r > 1024``), the same product composed of gemm_4bit and two matmuls."""
     absmax, nested_absmax, nested_code, offset, *config = weight_args
+    if lora_A.shape[0] <= _ops.LORA_MAX_RANK:
+        y, _ = torch.ops.fourbit.lora_4bit(x, W, absmax, nested_absmax, nested_code, offset, bias, *config,
+                                           lora_A, lora_B, scaling, x_lora)
+        return y
     y = torch.ops.fourbit.gemm_4bit(x, W, absmax, nested_absmax, nested_code, offset, bias, *config)
     xa = torch.nn.functional.linear(x if x_lora is None else x_lora, lora_A)
     return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_B.t(),
