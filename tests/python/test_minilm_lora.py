@@ -194,5 +194,9 @@ def test_cli_errors(tmp_path, capsys):
     row = json.dumps({"technical": "a", "plain": "b", "error": "e", "system": "same"}) + "\n"
     (tmp_path / "train.jsonl").write_text(row)
     (tmp_path / "heldout.jsonl").write_text(row)
-    assert fm.main(["--data-dir", str(tmp_path), "--model-dir", str(tmp_path), "--no-progress"]) == 1
+    threads = torch.get_num_threads()  # main() sets the thread count, as a script does
+    try:
+        assert fm.main(["--data-dir", str(tmp_path), "--model-dir", str(tmp_path), "--no-progress"]) == 1
+    finally:
+        torch.set_num_threads(threads)
     assert "train and held-out share systems ['same']" in capsys.readouterr().err
