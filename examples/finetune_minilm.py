@@ -51,7 +51,7 @@ from tqdm import tqdm  # noqa: E402
 import fourbit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_model import MODEL_PACKAGE, default_model_dir  # noqa: E402
+from quantize_model import MODEL_PACKAGE, CheckFailed, default_model_dir, report  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO / "data" / "paraphrases"
@@ -66,10 +66,6 @@ OPTIMIZERS = {
 }
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "lora_config.json"
-
-
-class CheckFailed(Exception):
-    """A check failed; the message says which and by how much."""
 
 
 @dataclass(frozen=True)
@@ -414,23 +410,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        results = run(args)
-    except (CheckFailed, FileNotFoundError, OSError, ValueError) as e:
-        print(f"\nFAILED: {e}", file=sys.stderr)
-        return 1
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if results["failures"]:
-        for f in results["failures"]:
-            print(f"FAILED: {f}", file=sys.stderr)
-        print(f"\nFAILED: {results['summary']}")
-        return 1
-    print(f"\nOK: {results['summary']}")
-    return 0
+    return report(run, parse_args(argv), (CheckFailed, FileNotFoundError, OSError, ValueError))
 
 
 if __name__ == "__main__":

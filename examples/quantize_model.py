@@ -77,7 +77,7 @@ PARTNER = {i: i ^ 1 for i in range(2 * len(PARAPHRASE_PAIRS))}
 
 
 class CheckFailed(Exception):
-    """A quality check failed; the message says which and by how much."""
+    """A check failed; the message says which and by how much."""
 
 
 def default_model_dir() -> Path | None:
@@ -307,11 +307,12 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def report(run, args: argparse.Namespace, errors=(CheckFailed, FileNotFoundError, OSError)) -> int:
+    """Runs ``run(args)``, writes its results to ``args.json`` if asked, prints the failures
+    and the summary, and returns the exit status (shared with finetune_minilm.py)."""
     try:
         results = run(args)
-    except (CheckFailed, FileNotFoundError, OSError) as e:
+    except errors as e:
         print(f"\nFAILED: {e}", file=sys.stderr)
         return 1
     if args.json is not None:
@@ -325,6 +326,10 @@ def main(argv=None) -> int:
         return 1
     print(f"\nOK: {results['summary']}")
     return 0
+
+
+def main(argv=None) -> int:
+    return report(run, parse_args(argv))
 
 
 if __name__ == "__main__":
