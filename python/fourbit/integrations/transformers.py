@@ -54,6 +54,8 @@ try:
 except ImportError as e:  # fail loudly: this module is the transformers integration
     raise ImportError(f"fourbit.integrations.transformers needs transformers (5.x) and safetensors: {e}") from e
 
+from ..functional import _dtype_name
+from ..nn.convert import _set_submodule
 from ..nn.linear import _COMPUTE_DTYPES, _QS_KEY_PREFIX, Linear4bit
 from ..nn.lora import LoraLinear4bit
 from ..nn.params import Params4bit, _check_quant_storage
@@ -104,10 +106,6 @@ class QuantOptions:
             "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
             "quant_method": "bitsandbytes",
         }
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _to_dtype(value, name: str) -> torch.dtype:
@@ -298,11 +296,6 @@ def _resolve_dtype(dtype, torch_dtype, config, checkpoint: _Checkpoint) -> torch
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {dtype}")
     return dtype
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
