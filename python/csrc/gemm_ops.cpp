@@ -6,8 +6,17 @@
 // W is the packed weight (bitsandbytes' bytes, any quant_storage view) of an [N, K] matrix;
 // its scales are `absmax` (fp32), or, when `nested_absmax` is given, the double-quantized
 // form (uint8 absmax, nested fp32 absmax, the 256-entry nested code and the fp32 offset).
-// `algo` picks the CUDA kernel ("auto", "gemv", "tensor_core", "cuda_core",
-// "dequant_cublas"; see gemm_ops_cuda.cpp); the CPU path checks the name and picks by M.
+// `algo` picks the kernel: "auto", the core's CUDA kernels "gemv", "tensor_core",
+// "cuda_core" (see gemm_ops_cuda.cpp; on the CPU any of them means the core's fused
+// kernels), or "dequant_blas" (alias "dequant_cublas"): dequantize once, then the vendor
+// BLAS (cuBLAS / oneDNN through ATen).
+//
+// CPU choice for algo="auto": bf16/fp32 with M >= kCpuBlasMinRows -> dequantize into a
+// per-thread workspace + ATen's matmul; otherwise the core's tile-decoding kernels. At
+// such M the GEMM is compute bound and oneDNN's bf16 GEMM is faster than the core's
+// (docs/BENCHMARKS.md), while the one pass over the weight costs a few percent; the
+// workspace is reused because a fresh CPU allocation of a full weight costs page faults
+// worth several dequantize passes. fp16 stays on the core: ATen has no fast fp16 CPU GEMM.
 // Autograd (register_autograd) and fake kernels are in python/fourbit/_ops.py.
 #include "gemm_ops.h"
 
@@ -133,9 +142,9 @@ GemmAlgo parse_gemm_algo(const std::string& name) {
   if (name == "gemv") return GemmAlgo::Gemv;
   if (name == "tensor_core") return GemmAlgo::TensorCore;
   if (name == "cuda_core") return GemmAlgo::CudaCore;
-  if (name == "dequant_cublas") return GemmAlgo::DequantCublas;
+  if (name == "dequant_blas" || name == "dequant_cublas") return GemmAlgo::DequantBlas;
   CHECK_ARG(false, "algo must be one of 'auto', 'gemv', 'tensor_core', 'cuda_core', "
-            "'dequant_cublas', got '", name, "'");
+            "'dequant_blas', 'dequant_cublas', got '", name, "'");
 }
 
 }  // namespace binding
@@ -143,18 +152,70 @@ GemmAlgo parse_gemm_algo(const std::string& name) {
 
 namespace {
 
+using fourbit::binding::ForwardCall;
+using fourbit::binding::GemmAlgo;
+using fourbit::binding::GradInputCall;
+
 struct NoGuard {
   explicit NoGuard(const at::Tensor&) {}
 };
 
-void cpu_forward(const fourbit::binding::ForwardCall& call) {
-  fourbit::binding::parse_gemm_algo(call.algo);  // rejects bad names; the CPU picks by M
-  fourbit::binding::run_core([&] { fourbit::gemm_4bit(call.params); });
+// Rows from which algo="auto" takes the dequantize + BLAS path on the CPU (see the top).
+constexpr int64_t kCpuBlasMinRows = 1024;
+
+bool use_blas(GemmAlgo algo, int64_t M, fourbit::DType dtype) {
+  if (algo != GemmAlgo::Auto) return algo == GemmAlgo::DequantBlas;
+  return M >= kCpuBlasMinRows && dtype != fourbit::DType::Float16;
 }
 
-void cpu_grad_input(const fourbit::binding::GradInputCall& call) {
-  fourbit::binding::parse_gemm_algo(call.algo);
-  fourbit::binding::run_core([&] { fourbit::gemm_4bit_grad_input(call.params); });
+// The weight dequantized to `dtype` into this thread's workspace, which grows to the
+// largest weight it has held and is reused (a view of it, valid until the thread's next
+// call).
+at::Tensor dequantized_weight_cpu(const fourbit::Weight4bit& w, fourbit::DType dtype, at::ScalarType scalar) {
+  thread_local at::Tensor workspace;
+  const int64_t numel = w.N * w.K;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(scalar));
+  if (!workspace.defined() || workspace.numel() < bytes) workspace = at::empty({bytes}, at::kByte);
+  at::Tensor out = workspace.narrow(0, 0, bytes).view(scalar).view({w.N, w.K});
+  fourbit::Dequantize4bitParams d;
+  d.packed = w.packed;
+  d.scales = w.scales;
+  d.numel = numel;
+  d.blocksize = w.blocksize;
+  d.quant_type = w.quant_type;
+  d.out = out.mutable_data_ptr();
+  d.out_dtype = dtype;
+  fourbit::binding::run_core([&] { fourbit::dequantize_4bit(d); });
+  return out;
+}
+
+void cpu_forward(const ForwardCall& call) {
+  const fourbit::Gemm4bitParams& p = call.params;
+  const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
+  if (p.M > 0 && p.weight.N > 0 && p.weight.K > 0 && use_blas(algo, p.M, p.dtype)) {
+    const at::Tensor w = dequantized_weight_cpu(p.weight, p.dtype, call.x.scalar_type());
+    const at::Tensor x2 = call.x.view({p.M, p.weight.K});
+    at::Tensor y2 = call.y.view({p.M, p.weight.N});
+    if (call.bias.defined()) {
+      at::addmm_out(y2, call.bias, x2, w.t());
+    } else {
+      at::mm_out(y2, x2, w.t());
+    }
+    return;
+  }
+  fourbit::binding::run_core([&] { fourbit::gemm_4bit(p); });
+}
+
+void cpu_grad_input(const GradInputCall& call) {
+  const fourbit::Gemm4bitGradInputParams& p = call.params;
+  const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
+  if (p.M > 0 && p.weight.N > 0 && p.weight.K > 0 && use_blas(algo, p.M, p.dtype)) {
+    const at::Tensor w = dequantized_weight_cpu(p.weight, p.dtype, call.grad_output.scalar_type());
+    at::Tensor dx = call.grad_input.view({p.M, p.weight.K});
+    at::mm_out(dx, call.grad_output.view({p.M, p.weight.N}), w);
+    return;
+  }
+  fourbit::binding::run_core([&] { fourbit::gemm_4bit_grad_input(p); });
 }
 
 }  // namespace

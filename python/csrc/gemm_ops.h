@@ -61,8 +61,9 @@ struct GradInputCall {
 GradInputCall prepare_grad_input(const at::Tensor& grad_output, const WeightArgs& w);
 
 // The kernel choice of the `algo` argument: the core's Gemm4bitAlgo plus the binding's
-// own dequantize + cuBLAS path.
-enum class GemmAlgo { Auto, Gemv, TensorCore, CudaCore, DequantCublas };
+// own dequantize + vendor-BLAS path ("dequant_blas"; "dequant_cublas" is its older CUDA
+// name and means the same on either device).
+enum class GemmAlgo { Auto, Gemv, TensorCore, CudaCore, DequantBlas };
 GemmAlgo parse_gemm_algo(const std::string& name);
 
 // Registers both ops for one dispatch key: checks, then `run_forward` / `run_grad_input`

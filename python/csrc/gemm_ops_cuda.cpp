@@ -56,7 +56,7 @@ fourbit::Gemm4bitAlgo core_algo(GemmAlgo algo) {
 }
 
 bool use_cublas(GemmAlgo algo, int64_t M, fourbit::DType dtype) {
-  if (algo != GemmAlgo::Auto) return algo == GemmAlgo::DequantCublas;
+  if (algo != GemmAlgo::Auto) return algo == GemmAlgo::DequantBlas;
   return M >= kCublasMinRows || (dtype == fourbit::DType::Float32 && M > kGemvMaxRows);
 }
 

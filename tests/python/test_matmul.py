@@ -92,6 +92,29 @@ def test_forward_and_grad_input_match_reference_cpu(dtype, quant_type, nested):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_dequantize_then_blas_path_matches_reference(dtype):
+    """The CPU's large-M path (dequantize into a reused workspace, then ATen's matmul): taken
+    by algo="auto" from M = 1024 for bf16/fp32, forced with algo="dequant_blas" at any M.
+    The weight is rounded to the activation dtype first (u_w = u of bf16/fp16)."""
+    u_w = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
+    cases = [(1024, 96, 128, 64, "auto"), (5, 40, 200, 32, "dequant_blas"), (3, 20, 30, 64, "dequant_cublas")]
+    for M, N, K, blocksize, algo in cases:
+        for nested in (False, True):
+            q, qs, Wd = quantized_weight(N, K, "nf4", nested, blocksize)
+            X = torch.randn(M, K).to(dtype)
+            bias = torch.randn(N).to(dtype)
+            assert_close(gemm(X, q, qs, bias, algo=algo), X, Wd.t(), bias, weight_roundoff=u_w)
+            assert_close(gemm(X, q, qs, None, algo=algo), X, Wd.t(), None, weight_roundoff=u_w)
+            dY = torch.randn(M, N).to(dtype)
+            assert_close(gemm_grad_input(dY, q, qs, algo=algo), dY, Wd, None, weight_roundoff=u_w)
+    # The workspace is reused across weights of different sizes and dtypes: a smaller weight
+    # after a larger one must not read the larger one's tail.
+    q_small, qs_small, W_small = quantized_weight(8, 64)
+    X = torch.randn(4, 64)
+    assert_close(gemm(X, q_small, qs_small, algo="dequant_blas"), X, W_small.t(), None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_one_hot_rows_select_weights_exactly(dtype):
     """Products with one-hot rows are exact: the output is the decoded weight rounded once
     to the output dtype, bit for bit, on every path (gemv and blocked)."""
