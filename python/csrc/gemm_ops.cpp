@@ -147,6 +147,44 @@ GemmAlgo parse_gemm_algo(const std::string& name) {
             "'dequant_blas', 'dequant_cublas', got '", name, "'");
 }
 
+void gemm_forward_dense(const ForwardCall& call, const at::Tensor& w) {
+  const at::Tensor x2 = call.x.view({call.params.M, call.params.weight.K});
+  at::Tensor y2 = call.y.view({call.params.M, call.params.weight.N});
+  if (call.bias.defined()) {
+    at::addmm_out(y2, call.bias, x2, w.t());
+  } else {
+    at::mm_out(y2, x2, w.t());
+  }
+}
+
+void gemm_grad_input_dense(const GradInputCall& call, const at::Tensor& w) {
+  const int64_t M = call.params.M;
+  at::Tensor dx = call.grad_input.view({M, call.params.weight.K});
+  at::mm_out(dx, call.grad_output.view({M, call.params.weight.N}), w);
+}
+
+bool cpu_prefers_blas(int64_t M, DType dtype) {
+  return M >= kCpuBlasMinRows && dtype != DType::Float16;
+}
+
+at::Tensor dequantized_weight_cpu(const Weight4bit& w, DType dtype, at::ScalarType scalar) {
+  thread_local at::Tensor workspace;
+  const int64_t numel = w.N * w.K;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(scalar));
+  if (!workspace.defined() || workspace.numel() < bytes) workspace = at::empty({bytes}, at::kByte);
+  at::Tensor out = workspace.narrow(0, 0, bytes).view(scalar).view({w.N, w.K});
+  Dequantize4bitParams d;
+  d.packed = w.packed;
+  d.scales = w.scales;
+  d.numel = numel;
+  d.blocksize = w.blocksize;
+  d.quant_type = w.quant_type;
+  d.out = out.mutable_data_ptr();
+  d.out_dtype = dtype;
+  run_core([&] { dequantize_4bit(d); });
+  return out;
+}
+
 }  // namespace binding
 }  // namespace fourbit
 
@@ -160,47 +198,17 @@ struct NoGuard {
   explicit NoGuard(const at::Tensor&) {}
 };
 
-// Rows from which algo="auto" takes the dequantize + BLAS path on the CPU (see the top).
-constexpr int64_t kCpuBlasMinRows = 1024;
-
 bool use_blas(GemmAlgo algo, int64_t M, fourbit::DType dtype) {
   if (algo != GemmAlgo::Auto) return algo == GemmAlgo::DequantBlas;
-  return M >= kCpuBlasMinRows && dtype != fourbit::DType::Float16;
-}
-
-// The weight dequantized to `dtype` into this thread's workspace, which grows to the
-// largest weight it has held and is reused (a view of it, valid until the thread's next
-// call).
-at::Tensor dequantized_weight_cpu(const fourbit::Weight4bit& w, fourbit::DType dtype, at::ScalarType scalar) {
-  thread_local at::Tensor workspace;
-  const int64_t numel = w.N * w.K;
-  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(scalar));
-  if (!workspace.defined() || workspace.numel() < bytes) workspace = at::empty({bytes}, at::kByte);
-  at::Tensor out = workspace.narrow(0, 0, bytes).view(scalar).view({w.N, w.K});
-  fourbit::Dequantize4bitParams d;
-  d.packed = w.packed;
-  d.scales = w.scales;
-  d.numel = numel;
-  d.blocksize = w.blocksize;
-  d.quant_type = w.quant_type;
-  d.out = out.mutable_data_ptr();
-  d.out_dtype = dtype;
-  fourbit::binding::run_core([&] { fourbit::dequantize_4bit(d); });
-  return out;
+  return fourbit::binding::cpu_prefers_blas(M, dtype);
 }
 
 void cpu_forward(const ForwardCall& call) {
   const fourbit::Gemm4bitParams& p = call.params;
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
   if (p.M > 0 && p.weight.N > 0 && p.weight.K > 0 && use_blas(algo, p.M, p.dtype)) {
-    const at::Tensor w = dequantized_weight_cpu(p.weight, p.dtype, call.x.scalar_type());
-    const at::Tensor x2 = call.x.view({p.M, p.weight.K});
-    at::Tensor y2 = call.y.view({p.M, p.weight.N});
-    if (call.bias.defined()) {
-      at::addmm_out(y2, call.bias, x2, w.t());
-    } else {
-      at::mm_out(y2, x2, w.t());
-    }
+    fourbit::binding::gemm_forward_dense(
+        call, fourbit::binding::dequantized_weight_cpu(p.weight, p.dtype, call.x.scalar_type()));
     return;
   }
   fourbit::binding::run_core([&] { fourbit::gemm_4bit(p); });
@@ -210,9 +218,8 @@ void cpu_grad_input(const GradInputCall& call) {
   const fourbit::Gemm4bitGradInputParams& p = call.params;
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
   if (p.M > 0 && p.weight.N > 0 && p.weight.K > 0 && use_blas(algo, p.M, p.dtype)) {
-    const at::Tensor w = dequantized_weight_cpu(p.weight, p.dtype, call.grad_output.scalar_type());
-    at::Tensor dx = call.grad_input.view({p.M, p.weight.K});
-    at::mm_out(dx, call.grad_output.view({p.M, p.weight.N}), w);
+    fourbit::binding::gemm_grad_input_dense(
+        call, fourbit::binding::dequantized_weight_cpu(p.weight, p.dtype, call.grad_output.scalar_type()));
     return;
   }
   fourbit::binding::run_core([&] { fourbit::gemm_4bit_grad_input(p); });

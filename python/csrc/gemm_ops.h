@@ -66,6 +66,18 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_output, const WeightArgs
 enum class GemmAlgo { Auto, Gemv, TensorCore, CudaCore, DequantBlas };
 GemmAlgo parse_gemm_algo(const std::string& name);
 
+// The CPU's large-M path (gemm_ops.cpp): from kCpuBlasMinRows rows, bf16/fp32 products
+// run as a dequantize into this thread's reused workspace + ATen's matmul (oneDNN).
+constexpr int64_t kCpuBlasMinRows = 1024;
+bool cpu_prefers_blas(int64_t M, DType dtype);
+// The large-M products on the dequantized weight `w` ([N, K], the activation dtype), by
+// ATen's matmul on either device (cuBLAS / oneDNN): Y = X w^T (+ bias) and dX = dY w.
+void gemm_forward_dense(const ForwardCall& call, const at::Tensor& w);
+void gemm_grad_input_dense(const GradInputCall& call, const at::Tensor& w);
+// The weight dequantized to `dtype` in this thread's workspace (grown to the largest
+// weight it has held, reused); valid until the thread's next call.
+at::Tensor dequantized_weight_cpu(const Weight4bit& w, DType dtype, at::ScalarType scalar);
+
 // Registers both ops for one dispatch key: checks, then `run_forward` / `run_grad_input`
 // (the device's kernel choice), then returns the output. `Guard` is constructed from the
 // activation first (a CUDA device guard, or a no-op on the CPU).

@@ -65,14 +65,8 @@ void cuda_forward(const ForwardCall& call) {
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
   if (p.M == 0 || p.weight.N == 0) return;
   if (use_cublas(algo, p.M, p.dtype)) {
-    const at::Tensor w = fourbit::binding::dequantized_weight(p.weight, p.dtype, call.x.options());
-    const at::Tensor x2 = call.x.view({p.M, p.weight.K});
-    at::Tensor y2 = call.y.view({p.M, p.weight.N});
-    if (call.bias.defined()) {
-      at::addmm_out(y2, call.bias, x2, w.t());
-    } else {
-      at::mm_out(y2, x2, w.t());
-    }
+    fourbit::binding::gemm_forward_dense(
+        call, fourbit::binding::dequantized_weight(p.weight, p.dtype, call.x.options()));
     return;
   }
   fourbit::binding::run_core(
@@ -84,9 +78,8 @@ void cuda_grad_input(const GradInputCall& call) {
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
   if (p.M == 0 || p.weight.K == 0) return;
   if (use_cublas(algo, p.M, p.dtype)) {
-    const at::Tensor w = fourbit::binding::dequantized_weight(p.weight, p.dtype, call.grad_output.options());
-    at::Tensor dx = call.grad_input.view({p.M, p.weight.K});
-    at::mm_out(dx, call.grad_output.view({p.M, p.weight.N}), w);
+    fourbit::binding::gemm_grad_input_dense(
+        call, fourbit::binding::dequantized_weight(p.weight, p.dtype, call.grad_output.options()));
     return;
   }
   fourbit::binding::run_core(

@@ -12,6 +12,10 @@
 // The weight arguments are gemm_4bit's (gemm_ops.cpp). lora_A [r, K], lora_B [N, r], bias,
 // X_lora and XA have X's dtype and device; 1 <= r <= fourbit::kLoraMaxRank. Autograd and
 // fake kernels: python/fourbit/_ops.py. The math: include/fourbit/lora.h.
+//
+// CPU choice: bf16/fp32 with M >= kCpuBlasMinRows -> lora_forward_dense /
+// lora_backward_dense on the weight dequantized into the thread's workspace (the large-M
+// rule of gemm_4bit, gemm_ops.cpp); otherwise the core's fused kernels (src/lora_4bit.cpp).
 #include "lora_ops.h"
 
 #include <cmath>
@@ -159,6 +163,54 @@ LoraBackwardCall prepare_lora_backward(const at::Tensor& grad_output, const Weig
   return call;
 }
 
+void lora_forward_dense(const LoraForwardCall& call, const std::function<at::Tensor()>& dequantize) {
+  const Lora4bitForwardParams& p = call.params;
+  const int64_t M = p.M, N = p.weight.N, K = p.weight.K;
+  const at::Tensor x = call.x.view({M, K});
+  const at::Tensor x_lora = call.x_lora.defined() ? call.x_lora.view({M, K}) : x;
+  at::Tensor xa = call.xa.view({M, p.r});
+  at::mm_out(xa, x_lora, call.lora_a.t());
+  if (N == 0) return;
+  const at::Tensor w = dequantize();
+  at::Tensor y = call.y.view({M, N});
+  if (call.bias.defined()) {
+    at::addmm_out(y, call.bias, x, w.t());
+  } else {
+    at::mm_out(y, x, w.t());
+  }
+  y.addmm_(xa, call.lora_b.t(), 1.0, p.scaling);
+}
+
+void lora_backward_dense(const LoraBackwardCall& call, const std::function<at::Tensor()>& dequantize) {
+  const Lora4bitBackwardParams& p = call.params;
+  const int64_t M = p.M, N = p.weight.N, K = p.weight.K, r = p.r;
+  const at::Tensor dy = call.grad_output.view({M, N});
+  const bool adapter_into_dx = p.grad_input && !p.separate_lora_input;
+  at::Tensor g;  // scaling * dY @ lora_B, [M, r]
+  if (adapter_into_dx || p.grad_input_lora || p.grad_a) {
+    g = at::mm(dy, call.lora_b).mul_(p.scaling);
+  }
+  if (p.grad_input && K > 0) {
+    at::Tensor dx = call.grad_input.view({M, K});
+    const at::Tensor w = dequantize();
+    at::mm_out(dx, dy, w);
+    if (adapter_into_dx) dx.addmm_(g, call.lora_a);
+  }
+  if (p.grad_input_lora) {
+    at::Tensor dxl = call.grad_input_lora.view({M, K});
+    at::mm_out(dxl, g, call.lora_a);
+  }
+  if (p.grad_a) {
+    at::Tensor da = call.grad_a;
+    at::mm_out(da, g.t(), call.x_lora.view({M, K}));
+  }
+  if (p.grad_b) {
+    at::Tensor db = call.grad_b;
+    at::mm_out(db, dy.t(), call.xa.view({M, r}));
+    db.mul_(p.scaling);
+  }
+}
+
 }  // namespace binding
 }  // namespace fourbit
 
@@ -168,12 +220,28 @@ struct NoGuard {
   explicit NoGuard(const at::Tensor&) {}
 };
 
+// Large M (bf16/fp32): the dense path on the weight dequantized into this thread's
+// workspace, as gemm_4bit does on the CPU; otherwise the core's fused kernels.
 void cpu_forward(const fourbit::binding::LoraForwardCall& call) {
-  fourbit::binding::run_core([&] { fourbit::lora_4bit_forward(call.params); });
+  const fourbit::Lora4bitForwardParams& p = call.params;
+  if (fourbit::binding::cpu_prefers_blas(p.M, p.dtype)) {
+    fourbit::binding::lora_forward_dense(call, [&] {
+      return fourbit::binding::dequantized_weight_cpu(p.weight, p.dtype, call.x.scalar_type());
+    });
+    return;
+  }
+  fourbit::binding::run_core([&] { fourbit::lora_4bit_forward(p); });
 }
 
 void cpu_backward(const fourbit::binding::LoraBackwardCall& call) {
-  fourbit::binding::run_core([&] { fourbit::lora_4bit_backward(call.params); });
+  const fourbit::Lora4bitBackwardParams& p = call.params;
+  if (fourbit::binding::cpu_prefers_blas(p.M, p.dtype)) {
+    fourbit::binding::lora_backward_dense(call, [&] {
+      return fourbit::binding::dequantized_weight_cpu(p.weight, p.dtype, call.grad_output.scalar_type());
+    });
+    return;
+  }
+  fourbit::binding::run_core([&] { fourbit::lora_4bit_backward(p); });
 }
 
 }  // namespace

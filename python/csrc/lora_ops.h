@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <functional>
 #include <optional>
 
 #include "fourbit/lora.h"
@@ -38,6 +39,13 @@ LoraBackwardCall prepare_lora_backward(const at::Tensor& grad_output, const Weig
                                        double scaling, const std::optional<at::Tensor>& X_lora,
                                        const std::optional<at::Tensor>& XA, bool separate_x_lora,
                                        std::array<bool, 4> output_mask);
+
+// The large-M path of both devices: every product by ATen's matmul (cuBLAS / oneDNN) on
+// the weight dequantized once by `dequantize` (called only when a 4-bit product is
+// needed). The adapter terms accumulate into Y / dX in place (addmm_ with beta = 1,
+// alpha = scaling): no [M, N] or [M, K] LoRA temporary, no separate scale / add passes.
+void lora_forward_dense(const LoraForwardCall& call, const std::function<at::Tensor()>& dequantize);
+void lora_backward_dense(const LoraBackwardCall& call, const std::function<at::Tensor()>& dequantize);
 
 // Registers both ops for one dispatch key; `Guard` is constructed from the activation first.
 template <typename Guard, void (*run_forward)(const LoraForwardCall&),

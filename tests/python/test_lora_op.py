@@ -361,6 +361,19 @@ def test_fake_kernels_reject_what_the_device_kernels_reject():
 # ---------------------------------------------------------------------------- CUDA
 
 # M from the gemv path through the tiled kernels to the cuBLAS path (M >= 1024).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_large_m_matches_reference(dtype):
+    """From M = 1024 the CPU runs bf16/fp32 through the dense path (the weight dequantized
+    into a workspace, every product by ATen's matmul; python/csrc/lora_ops.cpp), which rounds
+    like CUDA's large-M path (Y twice, G once in the io dtype): checked with CUDA's bound.
+    fp16 stays on the core's fused kernels (one rounding)."""
+    dense = dtype != torch.float16
+    for i, separate in enumerate((False, True)):
+        q, qs, Wd = quantized_weight(96, 128, "nf4", i == 0, 64)
+        inp = make_inputs(1024, 96, 128, 8, dtype, separate=separate)
+        check_forward_and_backward(q, qs, Wd, inp, 0.5 + i, dtype, cuda=dense)
+
+
 CUDA_SHAPES = SHAPES + [(1500, 256, 384, 16, 64)]
 
 
