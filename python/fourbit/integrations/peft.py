@@ -59,6 +59,7 @@ from torch import nn
 
 import fourbit.functional as F
 from fourbit.nn.linear import Linear4bit
+from fourbit.nn.lora import lora_linear_4bit_forward
 from fourbit.nn.params import Params4bit
 
 try:
@@ -154,16 +155,9 @@ class LoraLinear4bitPeft(nn.Module, LoraLayer):
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The base product and the adapter in one ``_lora_4bit`` call (compute dtype)."""
-        base = self.get_base_layer()
-        dropout = self.lora_dropout[name]
-        x_lora = dropout(x) if self.training and isinstance(dropout, nn.Dropout) else None
-        x, inp_dtype, args, bias = base._gemm_inputs(x)
-        dtype = x.dtype
-        if x_lora is not None:
-            x_lora = x_lora.to(dtype)
-        out = F._lora_4bit(x, base.weight, args, self.lora_A[name].weight.to(dtype),
-                           self.lora_B[name].weight.to(dtype), self.scaling[name], bias, x_lora)
-        return out if out.dtype == inp_dtype else out.to(inp_dtype)
+        return lora_linear_4bit_forward(self.get_base_layer(), x, self.lora_A[name].weight,
+                                        self.lora_B[name].weight, self.scaling[name], self.lora_dropout[name],
+                                        self.training)
 
     def _general_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus every active adapter, each in its weights' dtype (PEFT's bnb rule)."""

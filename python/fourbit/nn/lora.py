@@ -35,6 +35,21 @@ def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 
 
+def lora_linear_4bit_forward(base: Linear4bit, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                             scaling: float, dropout: nn.Module, training: bool) -> torch.Tensor:
+    """One LoRA layer's forward on a ``Linear4bit`` base, in one ``_lora_4bit`` call: the base
+    layer's compute-dtype rule, the adapter weights cast to the compute dtype for the product
+    (their gradients come back in their own dtype), dropout on the adapter's input only.
+    Shared by ``LoraLinear4bit`` and the PEFT layer (``fourbit.integrations.peft``)."""
+    x_lora = dropout(x) if training and isinstance(dropout, nn.Dropout) else None
+    x, inp_dtype, args, bias = base._gemm_inputs(x)
+    dtype = x.dtype
+    if x_lora is not None:
+        x_lora = x_lora.to(dtype)
+    out = F._lora_4bit(x, base.weight, args, lora_A.to(dtype), lora_B.to(dtype), scaling, bias, x_lora)
+    return out if out.dtype == inp_dtype else out.to(inp_dtype)
+
+
 class LoraLinear4bit(nn.Module):
     """A ``Linear4bit`` base layer (frozen) with a LoRA adapter of rank ``r``.
 
@@ -79,15 +94,8 @@ class LoraLinear4bit(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        x_lora = self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) else None
-        x, inp_dtype, args, bias = base._gemm_inputs(x)
-        if x_lora is not None:
-            x_lora = x_lora.to(x.dtype)
-        dtype = x.dtype
-        out = F._lora_4bit(x, base.weight, args, self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype),
-                           self.scaling, bias, x_lora)
-        return out if out.dtype == inp_dtype else out.to(inp_dtype)
+        return lora_linear_4bit_forward(self.base_layer, x, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                        self.lora_dropout, self.training)
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
