@@ -43,8 +43,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,7 +50,7 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quant import LLAMA_8B_SHAPES, BUSY_WARNING, OtherCpuLoad, Timer, device_name, other_load_now  # noqa: E402
+from bench_quant import LLAMA_8B_SHAPES, finish_run, start_run  # noqa: E402
 
 import fourbit  # noqa: E402
 import fourbit.functional as F  # noqa: E402
@@ -221,17 +219,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    import peft
+
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cpu":
-        busy = other_load_now()
-        if busy is not None and busy > BUSY_WARNING:
-            print(f"WARNING: other processes use {busy:.0%} of the CPUs; CPU timings will be noisy", file=sys.stderr)
+    timer, load = start_run(args, device)
     bnb, bnb_version = (None, None) if args.no_bnb else load_bnb()
-    timer = Timer(device, args.reps, args.warmup)
-    load = OtherCpuLoad() if device.type == "cpu" else None
     rows = []
     for name, N, K in [s for s in LLAMA_8B_SHAPES if s[0] in args.shapes]:
         for M in args.ms:
@@ -239,24 +232,10 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name} M={M}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items() if v is not None),
                   file=sys.stderr, flush=True)
-    table = markdown(rows)
-    print(table)
-    import peft
-
-    result = {
-        "benchmark": "lora_fwd_bwd", "device": device_name(device), "device_type": device.type,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-        "torch": torch.__version__, "fourbit": fourbit.__version__, "bitsandbytes": bnb_version,
-        "peft": peft.__version__, "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "timer": timer.name, "dtype": str(DTYPE), "format": "nf4, nested, blocksize 64",
-        "lora": {"r": RANK, "lora_alpha": ALPHA, "dropout": 0.0, "adapter_dtype": str(DTYPE)},
-        "other_cpu_load": load.stop() if load else None, "rows": rows,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {args.json}", file=sys.stderr)
-    return 0
+    return finish_run(args, argv, device, timer, load, markdown(rows), rows, benchmark="lora_fwd_bwd",
+                      bitsandbytes=bnb_version, peft=peft.__version__, dtype=str(DTYPE),
+                      format="nf4, nested, blocksize 64",
+                      lora={"r": RANK, "lora_alpha": ALPHA, "dropout": 0.0, "adapter_dtype": str(DTYPE)})
 
 
 if __name__ == "__main__":

@@ -194,6 +194,38 @@ def other_load_now(seconds: float = 0.5) -> Optional[float]:
     return load.stop()
 
 
+def start_run(args, device: torch.device) -> tuple["Timer", Optional[OtherCpuLoad]]:
+    """What every product benchmark does first: CPU threads, a warning if the machine is busy,
+    the timer, and (CPU) the meter of other processes' load over the run."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        busy = other_load_now()
+        if busy is not None and busy > BUSY_WARNING:
+            print(f"WARNING: other processes use {busy:.0%} of the CPUs; CPU timings will be noisy", file=sys.stderr)
+    return Timer(device, args.reps, args.warmup), (OtherCpuLoad() if device.type == "cpu" else None)
+
+
+def finish_run(args, argv, device: torch.device, timer: "Timer", load: Optional[OtherCpuLoad], table: str,
+               rows: list[dict], **fields) -> int:
+    """Prints the markdown table and writes the JSON: the run's common header (device, date,
+    command, versions, threads, timer, other CPU load), then ``fields``, then the rows."""
+    print(table)
+    result = {
+        "benchmark": fields.pop("benchmark"), "device": device_name(device), "device_type": device.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "torch": torch.__version__, "fourbit": fourbit.__version__,
+        **{k: fields.pop(k) for k in ("bitsandbytes", "peft") if k in fields},
+        "threads": torch.get_num_threads() if device.type == "cpu" else None, "timer": timer.name,
+        **fields, "other_cpu_load": load.stop() if load else None, "rows": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def n_buffers(bytes_per_buffer: int, cache: int) -> int:
     return max(1, min(MAX_ROTATING_BUFFERS, math.ceil(CACHE_COVER * cache / bytes_per_buffer)))
 

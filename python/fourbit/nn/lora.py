@@ -16,7 +16,6 @@ plain ``lora_A.weight`` / ``lora_B.weight`` keys under each layer's name).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
