@@ -11,6 +11,8 @@
 //   transposed).
 // - dot_rows_avx512: up to 4 activation rows against one decoded weight row, 16 lanes per
 //   FMA, reduced once at the end (the gemv path for small M).
+// - decode_pairs_bf16_avx512: two weight rows decoded to bf16 and interleaved into pair
+//   words in registers (the input gradient's B tile), with no staging buffer.
 // - *_bf16: the same three for bf16 activations on CPUs with AVX512_BF16: the weight is
 //   decoded to bf16 (vpermw from a 16-entry bf16 table, the same bits as dequantize_4bit)
 //   and multiplied with vdpbf16ps, 32 multiply-adds per instruction into fp32
@@ -38,6 +40,16 @@ namespace detail {
 
 #ifdef FOURBIT_HAVE_AVX512_PATH
 
+namespace {
+
+// log2(blocksize): blocksizes are powers of two (validate.cpp), so the block of element e
+// is e >> block_shift(w), a shift instead of a 64-bit division per 32 weights.
+inline int block_shift(const Weight4bit& w) {
+  return __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
+}
+
+}  // namespace
+
 FOURBIT_AVX512 void decode_aligned_avx512(const Weight4bit& w, const float* code, int64_t g,
                                           int64_t len, float* out) {
   // Element order within 16 bytes: lane 2j = high nibble of byte j, lane 2j+1 = low nibble.
@@ -47,8 +59,9 @@ FOURBIT_AVX512 void decode_aligned_avx512(const Weight4bit& w, const float* code
   const __m512i low_mask = _mm512_set1_epi32(0x0f);
   int64_t current_block = -1;
   __m512 table = _mm512_setzero_ps();
+  const int shift = block_shift(w);
   for (int64_t i = 0; i < len; i += 32) {
-    const int64_t block = (g + i) / w.blocksize;  // 32 | blocksize: a chunk is in one block
+    const int64_t block = (g + i) >> shift;  // 32 | blocksize: a chunk is in one block
     if (block != current_block) {
       table = _mm512_mul_ps(codes, _mm512_set1_ps(block_scale(w.scales, block)));
       current_block = block;
@@ -190,14 +203,41 @@ FOURBIT_AVX512 void decode_aligned_bf16_avx512(const Weight4bit& w, const float*
                                                int64_t len, uint16_t* out) {
   int64_t current_block = -1;
   __m512i table = _mm512_setzero_si512();
+  const int shift = block_shift(w);
   for (int64_t i = 0; i < len; i += 32) {
-    const int64_t block = (g + i) / w.blocksize;
+    const int64_t block = (g + i) >> shift;
     if (block != current_block) {
       table = bf16_table(code, block_scale(w.scales, block));
       current_block = block;
     }
     _mm512_storeu_si512(out + i,
                         _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g + i) / 2), table));
+  }
+}
+
+FOURBIT_AVX512 void decode_pairs_bf16_avx512(const Weight4bit& w, const float* code, int64_t g_lo,
+                                             int64_t g_hi, int64_t len, uint32_t* dst) {
+  // Word j = lo[j] | hi[j] << 16: the two decoded 32-lane rows, interleaved by two permutes.
+  const __m512i first = _mm512_setr_epi32(
+      0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005, 0x00260006, 0x00270007,
+      0x00280008, 0x00290009, 0x002a000a, 0x002b000b, 0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
+  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+  const int shift = block_shift(w);
+  int64_t block_lo = -1, block_hi = -1;
+  __m512i table_lo = _mm512_setzero_si512(), table_hi = _mm512_setzero_si512();
+  for (int64_t i = 0; i < len; i += 32) {
+    if (((g_lo + i) >> shift) != block_lo) {
+      block_lo = (g_lo + i) >> shift;
+      table_lo = bf16_table(code, block_scale(w.scales, block_lo));
+    }
+    if (((g_hi + i) >> shift) != block_hi) {
+      block_hi = (g_hi + i) >> shift;
+      table_hi = bf16_table(code, block_scale(w.scales, block_hi));
+    }
+    const __m512i lo = _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_lo + i) / 2), table_lo);
+    const __m512i hi = _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_hi + i) / 2), table_hi);
+    _mm512_storeu_si512(dst + i, _mm512_permutex2var_epi16(lo, first, hi));
+    _mm512_storeu_si512(dst + i + 16, _mm512_permutex2var_epi16(lo, second, hi));
   }
 }
 
@@ -304,6 +344,8 @@ int64_t interleave_bf16_rows_avx512(const uint16_t*, const uint16_t*, int64_t, u
   return 0;
 }
 void decode_aligned_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, uint16_t*) {}
+void decode_pairs_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, int64_t,
+                              uint32_t*) {}
 void micro_kernel_bf16_avx512(int, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t,
                               float*, int64_t) {}
 void dot_rows_bf16_avx512(int, int64_t, const uint16_t*, int64_t, const uint16_t*, float*) {}

@@ -120,6 +120,19 @@ struct StoreTile {
   }
 };
 
+// Fills one reduction slice of B panel by panel: the micro.cols columns from c are a
+// contiguous [rows x micro.cols] block at tile + c * rows, with `fill(r0, rlen, c0, clen,
+// dst, ld)` called per panel (ld = micro.cols). A contiguous panel (32 KiB) stays in L1;
+// with the whole tile row-major (a 512-byte row stride) its lines fell into a quarter of
+// L1's sets and were evicted while the micro-kernel swept it.
+template <typename Elem, typename Fill>
+void fill_panels(const Fill& fill, int64_t r0, int64_t rlen, int64_t rows, const OutputTile& t,
+                 MicroShape micro, Elem* tile) {
+  for (int64_t c = 0; c < t.ld; c += micro.cols) {
+    fill(r0, rlen, t.c0 + c, std::min(micro.cols, t.clen - c), tile + c * rows, micro.cols);
+  }
+}
+
 // Sweeps the micro-kernel `micro(rows, m, c)` over a tile: column panels outside (a panel
 // of B stays in L1), blocks of rows inside.
 template <typename Micro>
@@ -146,7 +159,7 @@ void blocked_product(const T* A, int64_t M, int64_t R, int64_t cols, const FillB
   auto task = [&](const OutputTile& t, Fp32Scratch& s, float* acc) {
     for (int64_t r0 = 0; r0 < R; r0 += kRedTile) {
       const int64_t rlen = std::min(kRedTile, R - r0);
-      fill_b(r0, rlen, t.c0, t.clen, s.b_tile.data(), t.ld);
+      fill_panels(fill_b, r0, rlen, rlen, t, kFp32Micro, s.b_tile.data());
       // fp32 activations are used in place; others are converted once per slice.
       const float* a = nullptr;
       int64_t lda = 0;
@@ -162,8 +175,8 @@ void blocked_product(const T* A, int64_t M, int64_t R, int64_t cols, const FillB
         lda = rlen;
       }
       sweep_micro_kernel(t, kFp32Micro, [&](int rows, int64_t m, int64_t c) {
-        micro_kernel(rows, rlen, a + m * lda, lda, s.b_tile.data() + c, t.ld, acc + m * t.ld + c,
-                     t.ld);
+        micro_kernel(rows, rlen, a + m * lda, lda, s.b_tile.data() + c * rlen, kMicroCols,
+                     acc + m * t.ld + c, t.ld);
       });
     }
   };
@@ -191,7 +204,7 @@ void blocked_product_bf16(const BFloat16* A, int64_t M, int64_t R, int64_t cols,
     for (int64_t r0 = 0; r0 < R; r0 += kRedTile) {
       const int64_t rlen = std::min(kRedTile, R - r0);
       const int64_t pairs = (rlen + 1) / 2;
-      fill_pairs(r0, rlen, t.c0, t.clen, s.b_tile.data(), t.ld);
+      fill_panels(fill_pairs, r0, rlen, pairs, t, kBf16Micro, s.b_tile.data());
       // Activation rows as pair words: in place when every row starts on a word (even R,
       // 4-byte aligned A); otherwise a copy, with a zero partner for an odd last element.
       const uint32_t* a = nullptr;
@@ -210,8 +223,8 @@ void blocked_product_bf16(const BFloat16* A, int64_t M, int64_t R, int64_t cols,
         lda = pairs;
       }
       sweep_micro_kernel(t, kBf16Micro, [&](int rows, int64_t m, int64_t c) {
-        micro_kernel_bf16_avx512(rows, pairs, a + m * lda, lda, s.b_tile.data() + c, t.ld,
-                                 acc + m * t.ld + c, t.ld);
+        micro_kernel_bf16_avx512(rows, pairs, a + m * lda, lda, s.b_tile.data() + c * pairs,
+                                 kMicroColsBf16, acc + m * t.ld + c, t.ld);
       });
     }
   };
@@ -283,8 +296,14 @@ inline void fill_forward_bf16(const Weight4bit& w, const float* code, int64_t r0
 inline void fill_grad_input_bf16(const Weight4bit& w, const float* code, int64_t r0, int64_t rlen,
                                  int64_t c0, int64_t clen, uint32_t* tile, int64_t ld) {
   Bf16Bits lo[kColTile], hi[kColTile];
+  const bool aligned = clen % 32 == 0 && c0 % 32 == 0 && w.K % 32 == 0;
   for (int64_t q = 0; q < (rlen + 1) / 2; ++q) {
     const int64_t n = r0 + 2 * q;
+    if (aligned && 2 * q + 1 < rlen) {  // the common case: decoded straight into pair words
+      decode_pairs_bf16_avx512(w, code, n * w.K + c0, (n + 1) * w.K + c0, clen, tile + q * ld);
+      std::fill(tile + q * ld + clen, tile + (q + 1) * ld, 0u);
+      continue;
+    }
     decode_weight_span_bf16(w, code, n * w.K + c0, clen, lo);
     if (2 * q + 1 < rlen) {
       decode_weight_span_bf16(w, code, (n + 1) * w.K + c0, clen, hi);

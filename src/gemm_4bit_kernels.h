@@ -54,6 +54,11 @@ void decode_weight_span_bf16(const Weight4bit& w, const float* code, int64_t g, 
                              uint16_t* out);
 void decode_aligned_bf16_avx512(const Weight4bit& w, const float* code, int64_t g, int64_t len,
                                 uint16_t* out);
+// dst[j] = bf16 bits of element g_lo + j | those of element g_hi + j << 16 for j < len:
+// two weight rows decoded and interleaved into pair words. Needs g_lo % 32 == 0,
+// g_hi % 32 == 0 and len % 32 == 0.
+void decode_pairs_bf16_avx512(const Weight4bit& w, const float* code, int64_t g_lo, int64_t g_hi,
+                              int64_t len, uint32_t* dst);
 // dst[j] = lo[j] | hi[j] << 16 for whole 32-element chunks of len; returns how many it did.
 int64_t interleave_bf16_rows_avx512(const uint16_t* lo, const uint16_t* hi, int64_t len,
                                     uint32_t* dst);
