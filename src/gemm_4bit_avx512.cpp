@@ -11,6 +11,8 @@
 //   transposed).
 // - dot_rows_avx512: up to 4 activation rows against one decoded weight row, 16 lanes per
 //   FMA, reduced once at the end (the gemv path for small M).
+// - decode_transpose16_bf16_avx512: 16 weight rows decoded to bf16 pair words and
+//   transposed in registers into 16 tile columns (the forward's B tile), no staging buffer.
 // - decode_pairs_bf16_avx512: two weight rows decoded to bf16 and interleaved into pair
 //   words in registers (the input gradient's B tile), with no staging buffer.
 // - *_bf16: the same three for bf16 activations on CPUs with AVX512_BF16: the weight is
@@ -106,6 +108,29 @@ FOURBIT_AVX512 inline void transpose16x16_store(const __m512i* r, uint32_t* dst,
 }
 
 }  // namespace
+
+FOURBIT_AVX512 void decode_transpose16_bf16_avx512(const Weight4bit& w, const float* code,
+                                                   int64_t g0, int64_t stride, int64_t len,
+                                                   uint32_t* dst, int64_t ld) {
+  // Per 32-element chunk: the 16 rows decoded into 16 registers of pair words, transposed
+  // in registers and stored as 16 tile rows; the decoded rows never touch memory.
+  const int shift = block_shift(w);
+  int64_t block[16];
+  __m512i table[16];
+  for (int jj = 0; jj < 16; ++jj) block[jj] = -1;
+  for (int64_t i = 0; i < len; i += 32) {
+    __m512i r[16];
+    for (int jj = 0; jj < 16; ++jj) {
+      const int64_t g = g0 + jj * stride + i;
+      if ((g >> shift) != block[jj]) {
+        block[jj] = g >> shift;
+        table[jj] = bf16_table(code, block_scale(w.scales, block[jj]));
+      }
+      r[jj] = _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + g / 2), table[jj]);
+    }
+    transpose16x16_store(r, dst + (i / 2) * ld, ld);
+  }
+}
 
 FOURBIT_AVX512 void transpose16_words_avx512(const void* rows, int64_t row_stride_bytes,
                                              int64_t words, uint32_t* dst, int64_t ld) {
@@ -340,6 +365,8 @@ void micro_kernel_avx512(int, int64_t, const float*, int64_t, const float*, int6
                          int64_t) {}
 void dot_rows_avx512(int, int64_t, const float*, int64_t, const float*, float*) {}
 void transpose16_words_avx512(const void*, int64_t, int64_t, uint32_t*, int64_t) {}
+void decode_transpose16_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, int64_t,
+                                    uint32_t*, int64_t) {}
 int64_t interleave_bf16_rows_avx512(const uint16_t*, const uint16_t*, int64_t, uint32_t*) {
   return 0;
 }

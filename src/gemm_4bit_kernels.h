@@ -54,6 +54,11 @@ void decode_weight_span_bf16(const Weight4bit& w, const float* code, int64_t g, 
                              uint16_t* out);
 void decode_aligned_bf16_avx512(const Weight4bit& w, const float* code, int64_t g, int64_t len,
                                 uint16_t* out);
+// dst[q * ld + jj] = the bf16 pair word q of weight row jj (its elements g0 + jj * stride +
+// 2q, + 2q + 1), for jj < 16 and q < len / 2: 16 rows decoded and transposed. Needs
+// g0 % 32 == 0, stride % 32 == 0 and len % 32 == 0.
+void decode_transpose16_bf16_avx512(const Weight4bit& w, const float* code, int64_t g0,
+                                    int64_t stride, int64_t len, uint32_t* dst, int64_t ld);
 // dst[j] = bf16 bits of element g_lo + j | those of element g_hi + j << 16 for j < len:
 // two weight rows decoded and interleaved into pair words. Needs g_lo % 32 == 0,
 // g_hi % 32 == 0 and len % 32 == 0.

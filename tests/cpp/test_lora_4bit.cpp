@@ -66,7 +66,7 @@ struct Case {
   int64_t M, N, K, r, blocksize;
 };
 
-// gemv (M <= 8) and blocked (M > 8); column tiles of 128 with remainders (N, K, and r = 130
+// gemv (M <= 4) and blocked (M > 4); column tiles of 128 with remainders (N, K, and r = 130
 // spanning two tiles of the XA product); reduction tiles of 256 with remainders; odd K;
 // K not a multiple of the blocksize; N = 1; r = 1; more rows than one row chunk.
 const Case kCases[] = {
