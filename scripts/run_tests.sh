@@ -18,6 +18,8 @@ cmake -S . -B build-ci/asan -G Ninja -DFOURBIT_CUDA=OFF -DCMAKE_BUILD_TYPE=Debug
   -DFOURBIT_SANITIZE=address,undefined >/dev/null
 cmake --build build-ci/asan -j "$JOBS"
 FOURBIT_DISABLE_AVX512=1 ctest --test-dir build-ci/asan --output-on-failure
+echo "== C++ core: the same, with the AVX-512 kernels (where the CPU has them)"
+ctest --test-dir build-ci/asan --output-on-failure
 
 echo "== C++ API: install the package, build examples/cpp against it with find_package(fourbit)"
 rm -rf build-ci/prefix build-ci/consumer
