@@ -213,6 +213,11 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       __syncthreads();  // c_tile is rewritten by the next tile
+#elif defined(__CUDA_ARCH__)
+      // Device code for an arch below sm80 (e.g. PTX JIT-compiled from compute_75 when the
+      // build has no sm80+ target): no WMMA path here, and the host picks this kernel only
+      // on sm80+. Fail loudly rather than return without writing C.
+      __trap();
 #endif
     } else {
       // CUDA cores: thread (ty, tx) owns rows ty + 8 i and columns tx + 16 j.
