@@ -144,6 +144,8 @@ __global__ void quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q,
     for (int offset = 16; offset > 0; offset >>= 1) {
       m = max_propagate_nan(m, __shfl_xor_sync(0xffffffffu, m, offset));
     }
+    // One NaN bit pattern whatever the input's payload, like the CPU twin's std::nanf("").
+    if (isnan(m)) m = __int_as_float(0x7fc00000);
     const float divisor = m < kMinAbsmax ? kMinAbsmax : m;  // keeps NaN
     const bool full = !(has_tail && b == blocks - 1);
     const float inv = __frcp_rn(divisor);

@@ -7,6 +7,8 @@
 // only the 8-bit tensors before it (the lists hold exactly one entry per 8-bit tensor).
 #include "optim_ops.h"
 
+#include <cstdio>
+#include <exception>
 #include <functional>
 #include <string>
 
@@ -169,8 +171,17 @@ at::Tensor paged_zeros(at::IntArrayRef size, at::ScalarType dtype, c10::Device d
   void* ptr = nullptr;
   run_optim_core([&] { ptr = PageManager::instance().allocate(bytes, dev); });
   const c10::Device where = dev == kHostDevice ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, dev);
+  // The deleter runs inside a destructor, where an escaping exception is std::terminate: a
+  // failed free (a sticky error of an earlier kernel, a driver shutting down) is reported only.
   return at::from_blob(
-      ptr, size, [](void* p) { PageManager::instance().release(p); },
+      ptr, size,
+      [](void* p) {
+        try {
+          PageManager::instance().release(p);
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "fourbit: freeing a paged buffer failed: %s\n", e.what());
+        }
+      },
       at::TensorOptions().dtype(dtype).device(where));
 }
 
