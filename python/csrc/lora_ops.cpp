@@ -186,9 +186,12 @@ void lora_backward_dense(const LoraBackwardCall& call, const std::function<at::T
   const int64_t M = p.M, N = p.weight.N, K = p.weight.K, r = p.r;
   const at::Tensor dy = call.grad_output.view({M, N});
   const bool adapter_into_dx = p.grad_input && !p.separate_lora_input;
+  // The scaling goes in as the GEMM's alpha (applied before the one rounding to the dtype;
+  // beta = 0 ignores the uninitialised input).
   at::Tensor g;  // scaling * dY @ lora_B, [M, r]
   if (adapter_into_dx || p.grad_input_lora || p.grad_a) {
-    g = at::mm(dy, call.lora_b).mul_(p.scaling);
+    g = at::empty({M, r}, dy.options());
+    at::addmm_out(g, g, dy, call.lora_b, /*beta=*/0, /*alpha=*/p.scaling);
   }
   if (p.grad_input && K > 0) {
     at::Tensor dx = call.grad_input.view({M, K});
@@ -206,8 +209,7 @@ void lora_backward_dense(const LoraBackwardCall& call, const std::function<at::T
   }
   if (p.grad_b) {
     at::Tensor db = call.grad_b;
-    at::mm_out(db, dy.t(), call.xa.view({M, r}));
-    db.mul_(p.scaling);
+    at::addmm_out(db, db, dy.t(), call.xa.view({M, r}), /*beta=*/0, /*alpha=*/p.scaling);
   }
 }
 
