@@ -441,7 +441,7 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, out: 
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
     W, absmax, nested_absmax, nested_code, offset, *config = _weight_args(B, quant_state)
-    result = torch.ops.fourbit.gemm_4bit(A, W, absmax, nested_absmax, nested_code, offset, bias, *config)
+    result = _ops.gemm_4bit(A, W, absmax, nested_absmax, nested_code, offset, bias, *config, "auto")
     if out is not None:
         return out.copy_(result)
     return result
@@ -460,10 +460,10 @@ def _lora_4bit(x: torch.Tensor, W: torch.Tensor, weight_args: tuple, lora_A: tor
     limit (``r > 1024``), the same product composed of gemm_4bit and two matmuls."""
     absmax, nested_absmax, nested_code, offset, *config = weight_args
     if lora_A.shape[0] <= _ops.LORA_MAX_RANK:
-        y, _ = torch.ops.fourbit.lora_4bit(x, W, absmax, nested_absmax, nested_code, offset, bias, *config,
-                                           lora_A, lora_B, scaling, x_lora)
+        y, _ = _ops.lora_4bit(x, W, absmax, nested_absmax, nested_code, offset, bias, *config,
+                              lora_A, lora_B, scaling, x_lora)
         return y
-    y = torch.ops.fourbit.gemm_4bit(x, W, absmax, nested_absmax, nested_code, offset, bias, *config)
+    y = _ops.gemm_4bit(x, W, absmax, nested_absmax, nested_code, offset, bias, *config, "auto")
     xa = torch.nn.functional.linear(x if x_lora is None else x_lora, lora_A)
     return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_B.t(),
                        alpha=scaling).view(y.shape)

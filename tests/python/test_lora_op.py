@@ -204,6 +204,29 @@ def test_autograd_matches_unfused_composition(dtype, with_dropout):
         assert err <= 16 * max(u, 2 ** -20) * scale * math.sqrt(80), f"{name}: err {err:.3g} (scale {scale:.3g})"
 
 
+def test_eager_function_equals_the_registered_autograd():
+    """Eager _lora_4bit takes fourbit._ops' autograd.Function; it gives the registered
+    autograd's outputs and every gradient bit for bit (dropout input included)."""
+    q, qs, _ = quantized_weight(48, 80)
+    W, *weight_args = F._weight_args(q, qs)
+    results = []
+    for eager in (True, False):
+        gen = torch.Generator().manual_seed(3)
+        X, X_lora = torch.randn(6, 80, generator=gen), torch.randn(6, 80, generator=gen)
+        A, B = torch.randn(8, 80, generator=gen) / 9, torch.randn(48, 8, generator=gen)
+        bias = torch.randn(48, generator=gen)
+        leaves = [t.requires_grad_() for t in (X, X_lora, A, B, bias)]
+        if eager:
+            Y = F._lora_4bit(X, W, tuple(weight_args), A, B, 0.5, bias, X_lora)
+            assert type(Y.grad_fn).__name__ == "_Lora4bitFunctionBackward"
+        else:
+            Y, _ = torch.ops.fourbit.lora_4bit(X, W, *weight_args[:4], bias, *weight_args[4:], A, B, 0.5, X_lora)
+        Y.backward(torch.linspace(-1, 1, Y.numel()).reshape(Y.shape))
+        results.append([Y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_gradients_flow_only_where_required():
     q, qs, _ = quantized_weight(16, 32)
     W, *weight_args = F._weight_args(q, qs)

@@ -225,6 +225,31 @@ def test_gradcheck_float64_reference():
     assert torch.allclose(b.grad.double(), b_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_eager_function_equals_the_registered_autograd(dtype):
+    """Eager calls that record gradients take fourbit._ops' autograd.Function (cheaper per call
+    than torch.library's wrapper); it gives the registered autograd's outputs and gradients
+    bit for bit, and calls without gradients (or inside torch.compile) keep the op."""
+    q, qs, _ = quantized_weight(70, 130, "nf4", True, 64)
+    args = F._weight_args(q, qs)
+    grads = []
+    for eager in (True, False):
+        X = torch.randn(2, 5, 130, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+        bias = torch.randn(70, generator=torch.Generator().manual_seed(2)).to(dtype).requires_grad_()
+        if eager:
+            Y = fourbit.matmul_4bit(X, q.t(), qs, bias=bias)
+            assert type(Y.grad_fn).__name__ == "_Gemm4bitFunctionBackward"
+        else:
+            Y = torch.ops.fourbit.gemm_4bit(X, *args[:5], bias, *args[5:])
+            assert type(Y.grad_fn).__name__ != "_Gemm4bitFunctionBackward"
+        Y.backward(torch.linspace(-1, 1, Y.numel()).reshape(Y.shape).to(dtype))
+        grads.append((Y.detach(), X.grad, bias.grad))
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+    with torch.no_grad():
+        assert fourbit.matmul_4bit(torch.randn(3, 130).to(dtype), q.t(), qs).grad_fn is None
+
+
 @pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
 def test_opcheck(nested):
     """Schema, fake kernel, autograd registration and dispatch are consistent."""

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import _ops
 from .. import functional as F
 from .params import Params4bit, _check_packed_data, _check_quant_storage, _check_quant_type
 
@@ -157,7 +158,7 @@ class Linear4bit(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, inp_dtype, args, bias = self._gemm_inputs(x)
-        out = torch.ops.fourbit.gemm_4bit(x, self.weight, args[0], args[1], args[2], args[3], bias, *args[4:])
+        out = _ops.gemm_4bit(x, self.weight, args[0], args[1], args[2], args[3], bias, *args[4:], "auto")
         return out if out.dtype == inp_dtype else out.to(inp_dtype)
 
     # ------------------------------------------------------------------ checkpoints
