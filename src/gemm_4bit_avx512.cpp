@@ -13,8 +13,8 @@
 //   FMA, reduced once at the end (the gemv path for small M).
 // - decode_transpose16_bf16_avx512: 16 weight rows decoded to bf16 pair words and
 //   transposed in registers into 16 tile columns (the forward's B tile), no staging buffer.
-// - decode_pairs_bf16_avx512: two weight rows decoded to bf16 and interleaved into pair
-//   words in registers (the input gradient's B tile), with no staging buffer.
+// - decode_pairs_bf16_avx512: pairs of weight rows decoded to bf16 and interleaved into
+//   pair words in registers (the input gradient's B tile), with no staging buffer.
 // - *_bf16: the same three for bf16 activations on CPUs with AVX512_BF16: the weight is
 //   decoded to bf16 (vpermw from a 16-entry bf16 table, the same bits as dequantize_4bit)
 //   and multiplied with vdpbf16ps, 32 multiply-adds per instruction into fp32
@@ -240,29 +240,34 @@ FOURBIT_AVX512 void decode_aligned_bf16_avx512(const Weight4bit& w, const float*
   }
 }
 
-FOURBIT_AVX512 void decode_pairs_bf16_avx512(const Weight4bit& w, const float* code, int64_t g_lo,
-                                             int64_t g_hi, int64_t len, uint32_t* dst) {
+FOURBIT_AVX512 void decode_pairs_bf16_avx512(const Weight4bit& w, const float* code, int64_t g0,
+                                             int64_t stride, int64_t pairs, int64_t len,
+                                             uint32_t* dst, int64_t ld) {
   // Word j = lo[j] | hi[j] << 16: the two decoded 32-lane rows, interleaved by two permutes.
   const __m512i first = _mm512_setr_epi32(
       0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005, 0x00260006, 0x00270007,
       0x00280008, 0x00290009, 0x002a000a, 0x002b000b, 0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
   const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
   const int shift = block_shift(w);
-  int64_t block_lo = -1, block_hi = -1;
-  __m512i table_lo = _mm512_setzero_si512(), table_hi = _mm512_setzero_si512();
-  for (int64_t i = 0; i < len; i += 32) {
-    if (((g_lo + i) >> shift) != block_lo) {
-      block_lo = (g_lo + i) >> shift;
-      table_lo = bf16_table(code, block_scale(w.scales, block_lo));
+  for (int64_t q = 0; q < pairs; ++q) {
+    const int64_t g_lo = g0 + 2 * q * stride, g_hi = g_lo + stride;
+    uint32_t* out = dst + q * ld;
+    int64_t block_lo = -1, block_hi = -1;
+    __m512i table_lo = _mm512_setzero_si512(), table_hi = _mm512_setzero_si512();
+    for (int64_t i = 0; i < len; i += 32) {
+      if (((g_lo + i) >> shift) != block_lo) {
+        block_lo = (g_lo + i) >> shift;
+        table_lo = bf16_table(code, block_scale(w.scales, block_lo));
+      }
+      if (((g_hi + i) >> shift) != block_hi) {
+        block_hi = (g_hi + i) >> shift;
+        table_hi = bf16_table(code, block_scale(w.scales, block_hi));
+      }
+      const __m512i lo = _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_lo + i) / 2), table_lo);
+      const __m512i hi = _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_hi + i) / 2), table_hi);
+      _mm512_storeu_si512(out + i, _mm512_permutex2var_epi16(lo, first, hi));
+      _mm512_storeu_si512(out + i + 16, _mm512_permutex2var_epi16(lo, second, hi));
     }
-    if (((g_hi + i) >> shift) != block_hi) {
-      block_hi = (g_hi + i) >> shift;
-      table_hi = bf16_table(code, block_scale(w.scales, block_hi));
-    }
-    const __m512i lo = _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_lo + i) / 2), table_lo);
-    const __m512i hi = _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_hi + i) / 2), table_hi);
-    _mm512_storeu_si512(dst + i, _mm512_permutex2var_epi16(lo, first, hi));
-    _mm512_storeu_si512(dst + i + 16, _mm512_permutex2var_epi16(lo, second, hi));
   }
 }
 
@@ -371,8 +376,8 @@ int64_t interleave_bf16_rows_avx512(const uint16_t*, const uint16_t*, int64_t, u
   return 0;
 }
 void decode_aligned_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, uint16_t*) {}
-void decode_pairs_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, int64_t,
-                              uint32_t*) {}
+void decode_pairs_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, int64_t, int64_t,
+                              uint32_t*, int64_t) {}
 void micro_kernel_bf16_avx512(int, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t,
                               float*, int64_t) {}
 void dot_rows_bf16_avx512(int, int64_t, const uint16_t*, int64_t, const uint16_t*, float*) {}

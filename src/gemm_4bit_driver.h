@@ -304,14 +304,16 @@ inline void fill_forward_bf16(const Weight4bit& w, const float* code, int64_t r0
 inline void fill_grad_input_bf16(const Weight4bit& w, const float* code, int64_t r0, int64_t rlen,
                                  int64_t c0, int64_t clen, uint32_t* tile, int64_t ld) {
   Bf16Bits lo[kColTile], hi[kColTile];
-  const bool aligned = clen % 32 == 0 && c0 % 32 == 0 && w.K % 32 == 0;
-  for (int64_t q = 0; q < (rlen + 1) / 2; ++q) {
+  int64_t q = 0;
+  // The common case: whole row pairs decoded straight into pair words; then an odd last
+  // row or unaligned columns through the decoded rows below.
+  if (clen % 32 == 0 && c0 % 32 == 0 && w.K % 32 == 0) {
+    q = rlen / 2;
+    decode_pairs_bf16_avx512(w, code, r0 * w.K + c0, w.K, q, clen, tile, ld);
+    for (int64_t p = 0; p < q; ++p) std::fill(tile + p * ld + clen, tile + (p + 1) * ld, 0u);
+  }
+  for (; q < (rlen + 1) / 2; ++q) {
     const int64_t n = r0 + 2 * q;
-    if (aligned && 2 * q + 1 < rlen) {  // the common case: decoded straight into pair words
-      decode_pairs_bf16_avx512(w, code, n * w.K + c0, (n + 1) * w.K + c0, clen, tile + q * ld);
-      std::fill(tile + q * ld + clen, tile + (q + 1) * ld, 0u);
-      continue;
-    }
     decode_weight_span_bf16(w, code, n * w.K + c0, clen, lo);
     if (2 * q + 1 < rlen) {
       decode_weight_span_bf16(w, code, (n + 1) * w.K + c0, clen, hi);

@@ -59,11 +59,12 @@ void decode_aligned_bf16_avx512(const Weight4bit& w, const float* code, int64_t 
 // g0 % 32 == 0, stride % 32 == 0 and len % 32 == 0.
 void decode_transpose16_bf16_avx512(const Weight4bit& w, const float* code, int64_t g0,
                                     int64_t stride, int64_t len, uint32_t* dst, int64_t ld);
-// dst[j] = bf16 bits of element g_lo + j | those of element g_hi + j << 16 for j < len:
-// two weight rows decoded and interleaved into pair words. Needs g_lo % 32 == 0,
-// g_hi % 32 == 0 and len % 32 == 0.
-void decode_pairs_bf16_avx512(const Weight4bit& w, const float* code, int64_t g_lo, int64_t g_hi,
-                              int64_t len, uint32_t* dst);
+// dst[q * ld + j] = bf16 bits of element g0 + 2q * stride + j | those of element
+// g0 + (2q + 1) * stride + j << 16, for q < pairs and j < len: pairs of weight rows
+// decoded and interleaved into pair words. Needs g0 % 32 == 0, stride % 32 == 0 and
+// len % 32 == 0.
+void decode_pairs_bf16_avx512(const Weight4bit& w, const float* code, int64_t g0, int64_t stride,
+                              int64_t pairs, int64_t len, uint32_t* dst, int64_t ld);
 // dst[j] = lo[j] | hi[j] << 16 for whole 32-element chunks of len; returns how many it did.
 int64_t interleave_bf16_rows_avx512(const uint16_t* lo, const uint16_t* hi, int64_t len,
                                     uint32_t* dst);
