@@ -25,6 +25,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "dequantize_4bit_avx512.h"
 #include "element_io.h"
 #include "fourbit/gemm.h"
@@ -58,6 +62,15 @@ constexpr int64_t kParallelMinFlops = int64_t{1} << 18;
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
+// Threads a parallel region would use (1 without OpenMP).
+inline int64_t max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
 // One task of the blocked drivers: an output tile of clen columns from c0 (ld = clen
 // rounded up to whole micro-kernel panels) and mlen rows from m0.
 struct OutputTile {
@@ -79,6 +92,14 @@ template <typename Scratch, typename Body, typename Finish>
 void for_each_output_tile(int64_t M, int64_t cols, int64_t flops, int64_t row_chunk,
                           MicroShape micro, const Body& body, const Finish& finish) {
   const int64_t col_tiles = (cols + kColTile - 1) / kColTile;
+  // Narrow outputs (LoRA's adapter products, r columns; tiny weights) have fewer column
+  // tiles than threads: shorter row chunks then give every thread a task.
+  const int64_t threads = max_threads();
+  if (col_tiles < threads) {
+    const int64_t chunks_wanted = (threads + col_tiles - 1) / col_tiles;
+    const int64_t rows = std::max<int64_t>(1, (M + chunks_wanted - 1) / chunks_wanted);
+    row_chunk = std::min(row_chunk, round_up(rows, micro.rows));
+  }
   const int64_t row_chunks = (M + row_chunk - 1) / row_chunk;
   const int64_t tasks = col_tiles * row_chunks;
   const bool parallel = flops >= kParallelMinFlops && tasks > 1;
