@@ -114,7 +114,7 @@ void gemm_forward(const Gemm4bitParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
-  if (p.M <= detail::kGemvMaxRows) {
+  if (p.M <= detail::gemv_max_rows<T>()) {
     detail::gemv_forward(w, code, x, p.M, y, [&](int64_t, int64_t n) {
       return bias ? detail::to_float(bias[n]) : 0.0f;
     });

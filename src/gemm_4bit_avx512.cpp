@@ -263,8 +263,10 @@ FOURBIT_AVX512 void decode_pairs_bf16_avx512(const Weight4bit& w, const float* c
         block_hi = (g_hi + i) >> shift;
         table_hi = bf16_table(code, block_scale(w.scales, block_hi));
       }
-      const __m512i lo = _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_lo + i) / 2), table_lo);
-      const __m512i hi = _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_hi + i) / 2), table_hi);
+      const __m512i lo =
+          _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_lo + i) / 2), table_lo);
+      const __m512i hi =
+          _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_hi + i) / 2), table_hi);
       _mm512_storeu_si512(out + i, _mm512_permutex2var_epi16(lo, first, hi));
       _mm512_storeu_si512(out + i + 16, _mm512_permutex2var_epi16(lo, second, hi));
     }

@@ -37,11 +37,16 @@
 namespace fourbit {
 namespace detail {
 
-// Forward with at most this many activation rows takes the gemv path: below it the
-// blocked path's tile decode (a transpose) costs more than its register blocking saves
-// (bf16, 1024 x 4096, this 2-core machine: M = 4 gemv 0.22 ms vs blocked 0.24 ms; M = 8
-// gemv 0.32 ms vs blocked 0.25 ms).
-constexpr int64_t kGemvMaxRows = 4;
+// Forwards with at most kGemvMaxRows activation rows may take the gemv path; below
+// gemv_max_rows<T>() they do: there the blocked path's tile decode (a transpose) costs more
+// than its register blocking saves. The bf16 path's blocked kernel (decode in registers,
+// bf16 dot products) wins from 5 rows (1024 x 4096 on this 2-core machine: M = 4 gemv
+// 0.22 ms vs blocked 0.24 ms; M = 8 gemv 0.32 ms vs blocked 0.25 ms); the fp32 one from 9.
+constexpr int64_t kGemvMaxRows = 8;
+template <typename T>
+int64_t gemv_max_rows() {
+  return std::is_same<T, BFloat16>::value && cpu_has_avx512bf16() ? 4 : kGemvMaxRows;
+}
 // Weight rows the forward tile fill decodes before transposing them: 16 floats = one
 // 64-byte line of a tile row.
 constexpr int64_t kTransposeRows = 16;
@@ -351,7 +356,7 @@ inline void fill_grad_input_bf16(const Weight4bit& w, const float* code, int64_t
 
 // ------------------------------------------------------------------ whole products
 
-// Forward for small M (M <= kGemvMaxRows): each weight row decoded once, in L1-sized
+// Forward for small M (M <= gemv_max_rows<T>()): each weight row decoded once, in L1-sized
 // pieces of WElem (`decode(g, len, piece)`), and dotted with every activation row while
 // the piece is hot (`dot(rows, len, x, ldx, piece, acc)`); then y[m][n] = acc + extra(m, n)
 // in fp32 (bias, LoRA term), rounded once to T.

@@ -211,7 +211,7 @@ void forward(const Lora4bitForwardParams& p) {
 
   const std::vector<float> b32 = to_fp32<T>(p.lora_b, N * r);
   const float* code = codebook_4bit(w.quant_type).data();
-  if (M <= detail::kGemvMaxRows) {
+  if (M <= detail::gemv_max_rows<T>()) {
     detail::gemv_forward(w, code, x, M, y, [&](int64_t m, int64_t n) {
       float v = bias ? detail::to_float(bias[n]) : 0.0f;
       for (int64_t q = 0; q < r; ++q) v += sxa[m * r + q] * b32[n * r + q];

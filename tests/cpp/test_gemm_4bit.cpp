@@ -58,9 +58,9 @@ struct Case {
   int64_t M, N, K, blocksize;
 };
 
-// Shapes: gemv (M <= 4) and blocked (M > 4); column tiles of 128 with remainders; reduction
-// tiles of 256 with remainders; odd K; K not a multiple of the blocksize (blocks straddle
-// rows); N = 1.
+// Shapes: gemv (M <= 8; bf16 with AVX512_BF16: M <= 4) and blocked; column tiles of 128
+// with remainders; reduction tiles of 256 with remainders; odd K; K not a multiple of the
+// blocksize (blocks straddle rows); N = 1.
 const Case kCases[] = {
     {1, 64, 64, 64},   {3, 37, 96, 32},    {4, 130, 300, 64},  {5, 129, 257, 128},
     {8, 1, 64, 64},    {9, 33, 33, 32},    {17, 200, 130, 64}, {1, 7, 1001, 64},

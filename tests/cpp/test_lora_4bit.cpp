@@ -66,9 +66,10 @@ struct Case {
   int64_t M, N, K, r, blocksize;
 };
 
-// gemv (M <= 4) and blocked (M > 4); column tiles of 128 with remainders (N, K, and r = 130
-// spanning two tiles of the XA product); reduction tiles of 256 with remainders; odd K;
-// K not a multiple of the blocksize; N = 1; r = 1; more rows than one row chunk.
+// gemv (M <= 8; bf16 with AVX512_BF16: M <= 4) and blocked; column tiles of 128 with
+// remainders (N, K, and r = 130 spanning two tiles of the XA product); reduction tiles of
+// 256 with remainders; odd K; K not a multiple of the blocksize; N = 1; r = 1; more rows
+// than one row chunk.
 const Case kCases[] = {
     {1, 64, 64, 4, 64},    {3, 37, 96, 1, 32},    {8, 1, 65, 3, 64},    {9, 33, 33, 8, 32},
     {17, 200, 130, 16, 64}, {5, 7, 1001, 2, 64},  {40, 130, 300, 130, 128},

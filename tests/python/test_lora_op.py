@@ -33,7 +33,7 @@ from _helpers import DTYPES, QUANT_TYPES
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 U32 = 2.0 ** -24
 
-# (M, N, K, r, blocksize): gemv (CPU M <= 4, CUDA M <= 8) and blocked paths; tile remainders (128 columns,
+# (M, N, K, r, blocksize): gemv (M <= 8; CPU bf16: M <= 4) and blocked paths; tile remainders (128 columns,
 # 256-deep reductions); M = 0 and 1; N = 1; r = 1; r over one column tile (130); odd K;
 # K not a multiple of the blocksize; more rows than one CPU row chunk.
 SHAPES = [

@@ -66,7 +66,7 @@ def gemm_grad_input(dY, q, qs, algo="auto"):
     return torch.ops.fourbit.gemm_4bit_grad_input(dY, *F._weight_args(q, qs), algo)
 
 
-# (M, N, K, blocksize): gemv (CPU M <= 4, CUDA M <= 8) and blocked paths; column tiles of 128 and
+# (M, N, K, blocksize): gemv (M <= 8; CPU bf16: M <= 4) and blocked paths; column tiles of 128 and
 # reduction tiles of 256 with remainders; M = 0 and 1; N = 1; odd K; K not a multiple of
 # the blocksize (blocks straddle rows); a large K; the largest blocksize.
 SHAPES = [
