@@ -15,6 +15,8 @@
 //   transposed in registers into 16 tile columns (the forward's B tile), no staging buffer.
 // - decode_pairs_bf16_avx512: pairs of weight rows decoded to bf16 and interleaved into
 //   pair words in registers (the input gradient's B tile), with no staging buffer.
+// - store_row_bf16_avx512: an fp32 accumulator row (+ bias) rounded to bf16, 16 per step
+//   (the epilogue of every bf16 product).
 // - *_bf16: the same three for bf16 activations on CPUs with AVX512_BF16: the weight is
 //   decoded to bf16 (vpermw from a 16-entry bf16 table, the same bits as dequantize_4bit)
 //   and multiplied with vdpbf16ps, 32 multiply-adds per instruction into fp32
@@ -273,6 +275,23 @@ FOURBIT_AVX512 void decode_pairs_bf16_avx512(const Weight4bit& w, const float* c
   }
 }
 
+FOURBIT_AVX512 int64_t store_row_bf16_avx512(const float* acc, const uint16_t* bias, int64_t len,
+                                             uint16_t* out) {
+  // acc + bias in fp32 (bf16 -> fp32 is a 16-bit shift), + 0.0f without a bias, exactly as
+  // the scalar epilogue (which turns -0.0 into +0.0 that way), then one rounding.
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    __m512 b = _mm512_setzero_ps();
+    if (bias != nullptr) {
+      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + j));
+      b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + j), b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm512_cvtepi32_epi16(to_bf16_bits(v)));
+  }
+  return j;
+}
+
 FOURBIT_AVX512 int64_t interleave_bf16_rows_avx512(const uint16_t* lo, const uint16_t* hi,
                                                   int64_t len, uint32_t* dst) {
   // Word j = lo[j] | hi[j] << 16: two permutes pick 16 lo/hi pairs each from 64 halves.
@@ -377,6 +396,7 @@ void decode_transpose16_bf16_avx512(const Weight4bit&, const float*, int64_t, in
 int64_t interleave_bf16_rows_avx512(const uint16_t*, const uint16_t*, int64_t, uint32_t*) {
   return 0;
 }
+int64_t store_row_bf16_avx512(const float*, const uint16_t*, int64_t, uint16_t*) { return 0; }
 void decode_aligned_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, uint16_t*) {}
 void decode_pairs_bf16_avx512(const Weight4bit&, const float*, int64_t, int64_t, int64_t, int64_t,
                               uint32_t*, int64_t) {}

@@ -67,6 +67,9 @@ constexpr int64_t kParallelMinFlops = int64_t{1} << 18;
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
+// bf16 values as their bits (the AVX-512 kernels' view of BFloat16 arrays).
+using Bf16Bits = uint16_t;
+
 // Threads a parallel region would use (1 without OpenMP).
 inline int64_t max_threads() {
 #ifdef _OPENMP
@@ -140,7 +143,14 @@ struct StoreTile {
     for (int64_t i = 0; i < t.mlen; ++i) {
       T* out = C + (t.m0 + i) * cols + t.c0;
       const float* row = acc + i * t.ld;
-      for (int64_t j = 0; j < t.clen; ++j) {
+      int64_t j = 0;
+      if constexpr (std::is_same<T, BFloat16>::value) {
+        if (cpu_has_avx512bw()) {
+          const Bf16Bits* b = bias ? reinterpret_cast<const Bf16Bits*>(bias + t.c0) : nullptr;
+          j = store_row_bf16_avx512(row, b, t.clen, reinterpret_cast<Bf16Bits*>(out));
+        }
+      }
+      for (; j < t.clen; ++j) {
         const float b = bias ? to_float(bias[t.c0 + j]) : 0.0f;
         out[j] = from_float<T>(row[j] + b);
       }
@@ -211,8 +221,6 @@ void blocked_product(const T* A, int64_t M, int64_t R, int64_t cols, const FillB
   for_each_output_tile<Fp32Scratch>(M, cols, M * R * cols + extra_flops, kRowChunk, kFp32Micro,
                                     task, finish);
 }
-
-using Bf16Bits = uint16_t;
 
 struct Bf16Scratch {
   std::vector<uint32_t> b_tile = std::vector<uint32_t>(kRedTile / 2 * kColTile);

@@ -65,6 +65,9 @@ void decode_transpose16_bf16_avx512(const Weight4bit& w, const float* code, int6
 // len % 32 == 0.
 void decode_pairs_bf16_avx512(const Weight4bit& w, const float* code, int64_t g0, int64_t stride,
                               int64_t pairs, int64_t len, uint32_t* dst, int64_t ld);
+// out[j] = bf16(acc[j] + bias[j]) (bias may be null), rounded as float_to_bf16, for whole
+// 16-element chunks of len; returns how many it did.
+int64_t store_row_bf16_avx512(const float* acc, const uint16_t* bias, int64_t len, uint16_t* out);
 // dst[j] = lo[j] | hi[j] << 16 for whole 32-element chunks of len; returns how many it did.
 int64_t interleave_bf16_rows_avx512(const uint16_t* lo, const uint16_t* hi, int64_t len,
                                     uint32_t* dst);
