@@ -41,7 +41,8 @@ namespace detail {
 // gemv_max_rows<T>() they do: there the blocked path's tile decode (a transpose) costs more
 // than its register blocking saves. The bf16 path's blocked kernel (decode in registers,
 // bf16 dot products) wins from 5 rows (1024 x 4096 on this 2-core machine: M = 4 gemv
-// 0.22 ms vs blocked 0.24 ms; M = 8 gemv 0.32 ms vs blocked 0.25 ms); the fp32 one from 9.
+// 0.22 ms vs blocked 0.24 ms; M = 8 gemv 0.32 ms vs blocked 0.25 ms); fp32 gemv stays
+// ahead through 8 rows (4096 x 4096: M = 6 gemv 1.6 ms vs M = 5 blocked 1.9 ms).
 constexpr int64_t kGemvMaxRows = 8;
 template <typename T>
 int64_t gemv_max_rows() {
