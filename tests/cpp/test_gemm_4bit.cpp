@@ -1,17 +1,20 @@
 // GoogleTest suite for the CPU 4-bit matmul (include/fourbit/gemm.h): the forward and the
 // input gradient against a float64 product with the fp32-dequantized weight, over shapes
 // that hit every path (gemv, blocked tiles and their remainders, odd K, blocks straddling
-// rows), every dtype, both codebooks, plain and nested scales; exact one-hot products;
-// and the argument errors.
+// rows), every dtype, both codebooks, plain and nested scales; exact one-hot products; the
+// AVX-512 bf16 epilogue against the scalar rounding; and the argument errors.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "dequantize_4bit_avx512.h"
+#include "float16.h"
 #include "fourbit/codebook.h"
 #include "fourbit/gemm.h"
 #include "fourbit/quantize.h"
+#include "gemm_4bit_kernels.h"
 #include "quantized_weight.h"
 #include "test_helpers.h"
 
@@ -181,6 +184,38 @@ TEST(Gemm4bit, OneHotRowsSelectWeightsExactly) {
         }
       }
     }
+  }
+}
+
+// The AVX-512 bf16 epilogue gives the scalar epilogue's bits: float_to_bf16(acc + bias),
+// with + 0.0f without a bias (so -0.0 becomes +0.0), ties to even, NaN -> 0x7fc0,
+// overflow to infinity, subnormals; with and without a bias.
+TEST(Gemm4bit, Bf16EpilogueRoundsLikeTheScalarStore) {
+  if (!fourbit::detail::cpu_has_avx512bw()) GTEST_SKIP() << "the AVX-512 epilogue needs AVX-512 BW";
+  using fourbit::detail::bits_float;
+  using fourbit::detail::float_to_bf16;
+  const std::vector<uint32_t> specials = {
+      0x3f808000u, 0x3f818000u, 0xbf808000u, 0x3f80ffffu, 0x80000000u, 0x00000000u,
+      0x7f800000u, 0xff800000u, 0x7fa00001u, 0xffc12345u, 0x7f7fffffu, 0x00012345u,
+      0x807fffffu, 0x3f7fff80u, 0x477fff80u, 0xc2a58000u};
+  std::vector<float> acc;
+  std::vector<uint16_t> bias;
+  for (int i = 0; i < 53; ++i) {  // three 16-wide steps and a scalar tail of 5
+    acc.push_back(bits_float(specials[i % specials.size()] + (i / 16) * 0x10000u * (i % 3 == 0)));
+    bias.push_back(static_cast<uint16_t>(i % 4 == 0 ? 0x0000 : i % 4 == 1 ? 0x8000 : 0x3f80 + i));
+  }
+  for (const bool with_bias : {false, true}) {
+    SCOPED_TRACE(with_bias ? "bias" : "no bias");
+    std::vector<uint16_t> out(acc.size(), 0xdead);
+    const int64_t done = fourbit::detail::store_row_bf16_avx512(
+        acc.data(), with_bias ? bias.data() : nullptr, static_cast<int64_t>(acc.size()), out.data());
+    ASSERT_EQ(done, 48);
+    for (int64_t j = 0; j < done; ++j) {
+      const float b = with_bias ? fourbit::detail::bf16_to_float(bias[j]) : 0.0f;
+      ASSERT_EQ(out[j], float_to_bf16(acc[j] + b)) << "j=" << j << " acc bits " << std::hex
+                                                   << fourbit::detail::float_bits(acc[j]);
+    }
+    EXPECT_EQ(out[done], 0xdead);  // the tail is the caller's
   }
 }
 
