@@ -52,6 +52,36 @@ inline int block_shift(const Weight4bit& w) {
   return __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
 }
 
+// Decodes one weight row to bf16, 32 elements (16 packed bytes) per call, keeping the bf16
+// table of the current scale block and rebuilding it only when the block changes.
+class Bf16RowDecoder {
+ public:
+  // The 32 bf16 values of elements [g, g + 32), g % 32 == 0 (a chunk is in one block).
+  FOURBIT_AVX512 __m512i decode32(const Weight4bit& w, const float* code, int64_t g) {
+    const int64_t block = g >> block_shift(w);
+    if (block != block_) {
+      block_ = block;
+      table_ = bf16_table(code, block_scale(w.scales, block));
+    }
+    return _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + g / 2), table_);
+  }
+
+ private:
+  int64_t block_ = -1;  // no block yet: table_ is set before its first use
+  __m512i table_;
+};
+
+// dst[j] = lo[j] | hi[j] << 16 for j < 32: two permutes pick 16 lo/hi pairs each from the
+// 64 halves.
+FOURBIT_AVX512 inline void store_interleaved_words(__m512i lo, __m512i hi, uint32_t* dst) {
+  const __m512i first = _mm512_setr_epi32(
+      0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005, 0x00260006, 0x00270007,
+      0x00280008, 0x00290009, 0x002a000a, 0x002b000b, 0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
+  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+  _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(lo, first, hi));
+  _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(lo, second, hi));
+}
+
 }  // namespace
 
 FOURBIT_AVX512 void decode_aligned_avx512(const Weight4bit& w, const float* code, int64_t g,
@@ -116,20 +146,10 @@ FOURBIT_AVX512 void decode_transpose16_bf16_avx512(const Weight4bit& w, const fl
                                                    uint32_t* dst, int64_t ld) {
   // Per 32-element chunk: the 16 rows decoded into 16 registers of pair words, transposed
   // in registers and stored as 16 tile rows; the decoded rows never touch memory.
-  const int shift = block_shift(w);
-  int64_t block[16];
-  __m512i table[16];
-  for (int jj = 0; jj < 16; ++jj) block[jj] = -1;
+  Bf16RowDecoder rows[16];
   for (int64_t i = 0; i < len; i += 32) {
     __m512i r[16];
-    for (int jj = 0; jj < 16; ++jj) {
-      const int64_t g = g0 + jj * stride + i;
-      if ((g >> shift) != block[jj]) {
-        block[jj] = g >> shift;
-        table[jj] = bf16_table(code, block_scale(w.scales, block[jj]));
-      }
-      r[jj] = _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + g / 2), table[jj]);
-    }
+    for (int jj = 0; jj < 16; ++jj) r[jj] = rows[jj].decode32(w, code, g0 + jj * stride + i);
     transpose16x16_store(r, dst + (i / 2) * ld, ld);
   }
 }
@@ -228,49 +248,19 @@ FOURBIT_AVX512 void dot_rows_avx512(int rows, int64_t len, const float* x, int64
 
 FOURBIT_AVX512 void decode_aligned_bf16_avx512(const Weight4bit& w, const float* code, int64_t g,
                                                int64_t len, uint16_t* out) {
-  int64_t current_block = -1;
-  __m512i table = _mm512_setzero_si512();
-  const int shift = block_shift(w);
-  for (int64_t i = 0; i < len; i += 32) {
-    const int64_t block = (g + i) >> shift;
-    if (block != current_block) {
-      table = bf16_table(code, block_scale(w.scales, block));
-      current_block = block;
-    }
-    _mm512_storeu_si512(out + i,
-                        _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g + i) / 2), table));
-  }
+  Bf16RowDecoder row;
+  for (int64_t i = 0; i < len; i += 32) _mm512_storeu_si512(out + i, row.decode32(w, code, g + i));
 }
 
 FOURBIT_AVX512 void decode_pairs_bf16_avx512(const Weight4bit& w, const float* code, int64_t g0,
                                              int64_t stride, int64_t pairs, int64_t len,
                                              uint32_t* dst, int64_t ld) {
-  // Word j = lo[j] | hi[j] << 16: the two decoded 32-lane rows, interleaved by two permutes.
-  const __m512i first = _mm512_setr_epi32(
-      0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005, 0x00260006, 0x00270007,
-      0x00280008, 0x00290009, 0x002a000a, 0x002b000b, 0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
-  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
-  const int shift = block_shift(w);
   for (int64_t q = 0; q < pairs; ++q) {
     const int64_t g_lo = g0 + 2 * q * stride, g_hi = g_lo + stride;
-    uint32_t* out = dst + q * ld;
-    int64_t block_lo = -1, block_hi = -1;
-    __m512i table_lo = _mm512_setzero_si512(), table_hi = _mm512_setzero_si512();
+    Bf16RowDecoder lo, hi;
     for (int64_t i = 0; i < len; i += 32) {
-      if (((g_lo + i) >> shift) != block_lo) {
-        block_lo = (g_lo + i) >> shift;
-        table_lo = bf16_table(code, block_scale(w.scales, block_lo));
-      }
-      if (((g_hi + i) >> shift) != block_hi) {
-        block_hi = (g_hi + i) >> shift;
-        table_hi = bf16_table(code, block_scale(w.scales, block_hi));
-      }
-      const __m512i lo =
-          _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_lo + i) / 2), table_lo);
-      const __m512i hi =
-          _mm512_permutexvar_epi16(nibble_indices_epi16(w.packed + (g_hi + i) / 2), table_hi);
-      _mm512_storeu_si512(out + i, _mm512_permutex2var_epi16(lo, first, hi));
-      _mm512_storeu_si512(out + i + 16, _mm512_permutex2var_epi16(lo, second, hi));
+      store_interleaved_words(lo.decode32(w, code, g_lo + i), hi.decode32(w, code, g_hi + i),
+                              dst + q * ld + i);
     }
   }
 }
@@ -294,17 +284,9 @@ FOURBIT_AVX512 int64_t store_row_bf16_avx512(const float* acc, const uint16_t* b
 
 FOURBIT_AVX512 int64_t interleave_bf16_rows_avx512(const uint16_t* lo, const uint16_t* hi,
                                                   int64_t len, uint32_t* dst) {
-  // Word j = lo[j] | hi[j] << 16: two permutes pick 16 lo/hi pairs each from 64 halves.
-  const __m512i first = _mm512_setr_epi32(
-      0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005, 0x00260006, 0x00270007,
-      0x00280008, 0x00290009, 0x002a000a, 0x002b000b, 0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
-  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
   int64_t j = 0;
   for (; j + 32 <= len; j += 32) {
-    const __m512i a = _mm512_loadu_si512(lo + j);
-    const __m512i b = _mm512_loadu_si512(hi + j);
-    _mm512_storeu_si512(dst + j, _mm512_permutex2var_epi16(a, first, b));
-    _mm512_storeu_si512(dst + j + 16, _mm512_permutex2var_epi16(a, second, b));
+    store_interleaved_words(_mm512_loadu_si512(lo + j), _mm512_loadu_si512(hi + j), dst + j);
   }
   return j;
 }

@@ -167,21 +167,25 @@ bool cpu_prefers_blas(int64_t M, DType dtype) {
   return M >= kCpuBlasMinRows && dtype != DType::Float16;
 }
 
+Dequantize4bitParams whole_weight_dequantize(const Weight4bit& w, DType dtype, void* out) {
+  Dequantize4bitParams d;
+  d.packed = w.packed;
+  d.scales = w.scales;
+  d.numel = w.N * w.K;
+  d.blocksize = w.blocksize;
+  d.quant_type = w.quant_type;
+  d.out = out;
+  d.out_dtype = dtype;
+  return d;
+}
+
 at::Tensor dequantized_weight_cpu(const Weight4bit& w, DType dtype, at::ScalarType scalar) {
   thread_local at::Tensor workspace;
   const int64_t numel = w.N * w.K;
   const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(scalar));
   if (!workspace.defined() || workspace.numel() < bytes) workspace = at::empty({bytes}, at::kByte);
   at::Tensor out = workspace.narrow(0, 0, bytes).view(scalar).view({w.N, w.K});
-  Dequantize4bitParams d;
-  d.packed = w.packed;
-  d.scales = w.scales;
-  d.numel = numel;
-  d.blocksize = w.blocksize;
-  d.quant_type = w.quant_type;
-  d.out = out.mutable_data_ptr();
-  d.out_dtype = dtype;
-  run_core([&] { dequantize_4bit(d); });
+  run_core([&] { dequantize_4bit(whole_weight_dequantize(w, dtype, out.mutable_data_ptr())); });
   return out;
 }
 

@@ -74,6 +74,8 @@ bool cpu_prefers_blas(int64_t M, DType dtype);
 // ATen's matmul on either device (cuBLAS / oneDNN): Y = X w^T (+ bias) and dX = dY w.
 void gemm_forward_dense(const ForwardCall& call, const at::Tensor& w);
 void gemm_grad_input_dense(const GradInputCall& call, const at::Tensor& w);
+// The core's dequantize arguments for the whole weight `w` into `out` ([N, K] of `dtype`).
+Dequantize4bitParams whole_weight_dequantize(const Weight4bit& w, DType dtype, void* out);
 // The weight dequantized to `dtype` in this thread's workspace (grown to the largest
 // weight it has held, reused); valid until the thread's next call.
 at::Tensor dequantized_weight_cpu(const Weight4bit& w, DType dtype, at::ScalarType scalar);

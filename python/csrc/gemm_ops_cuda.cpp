@@ -20,15 +20,9 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 at::Tensor dequantized_weight(const Weight4bit& w, DType dtype, const at::TensorOptions& options) {
   at::Tensor out = at::empty({w.N, w.K}, options);
-  Dequantize4bitParams d;
-  d.packed = w.packed;
-  d.scales = w.scales;
-  d.numel = w.N * w.K;
-  d.blocksize = w.blocksize;
-  d.quant_type = w.quant_type;
-  d.out = out.mutable_data_ptr();
-  d.out_dtype = dtype;
-  run_core([&] { dequantize_4bit_cuda(d, current_stream()); });
+  run_core([&] {
+    dequantize_4bit_cuda(whole_weight_dequantize(w, dtype, out.mutable_data_ptr()), current_stream());
+  });
   return out;
 }
 

@@ -217,39 +217,31 @@ torch.library.register_autograd(f"{lib}::lora_4bit", _lora_4bit_backward, setup_
 
 # ---------------------------------------------------------------------------- eager calls
 
-def _eager_function(name, op, setup_context, backward):
-    """A ``torch.autograd.Function`` that runs ``op`` with the backward registered for it
-    above. torch.library's registered autograd runs through a Python wrapper that costs
-    ~30 us per forward on this project's CPU machine (a Function: ~1 us), which adds up over
-    hundreds of layers per training step; eager calls that record gradients take this
-    Function, compiled code keeps the op and its registered autograd."""
-    return type(name, (torch.autograd.Function,), {
+def _records_grad(args):
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _eager_autograd(name, op, setup_context, backward):
+    """``op(*args)`` (every argument, ``algo`` included) that, when the call records
+    gradients outside torch.compile, runs as a ``torch.autograd.Function`` named ``name``
+    with the setup and backward registered above. torch.library's registered autograd runs
+    through a Python wrapper that costs ~30 us per forward on this project's CPU machine (a
+    Function: ~1 us), which adds up over hundreds of layers per training step; compiled code
+    keeps the op and its registered autograd."""
+    function = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(lambda *inputs: op(*inputs)),
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
     })
 
-
-_Gemm4bitFunction = _eager_function("_Gemm4bitFunction", torch.ops.fourbit.gemm_4bit,
-                                    _gemm_4bit_setup_context, _gemm_4bit_backward)
-_Lora4bitFunction = _eager_function("_Lora4bitFunction", torch.ops.fourbit.lora_4bit,
-                                    _lora_4bit_setup_context, _lora_4bit_backward)
-
-
-def _records_grad(args):
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    def call(*args):
+        if _records_grad(args) and not torch.compiler.is_compiling():
+            return function.apply(*args)
+        return op(*args)
+    return call
 
 
-def gemm_4bit(*args):
-    """``torch.ops.fourbit.gemm_4bit(*args)`` (every argument, ``algo`` included), through
-    the faster eager Function when it records gradients outside torch.compile."""
-    if _records_grad(args) and not torch.compiler.is_compiling():
-        return _Gemm4bitFunction.apply(*args)
-    return torch.ops.fourbit.gemm_4bit(*args)
-
-
-def lora_4bit(*args):
-    """``torch.ops.fourbit.lora_4bit(*args)`` -> (Y, XA), as ``gemm_4bit`` above."""
-    if _records_grad(args) and not torch.compiler.is_compiling():
-        return _Lora4bitFunction.apply(*args)
-    return torch.ops.fourbit.lora_4bit(*args)
+gemm_4bit = _eager_autograd("_Gemm4bitFunction", torch.ops.fourbit.gemm_4bit,  # -> Y
+                            _gemm_4bit_setup_context, _gemm_4bit_backward)
+lora_4bit = _eager_autograd("_Lora4bitFunction", torch.ops.fourbit.lora_4bit,  # -> (Y, XA)
+                            _lora_4bit_setup_context, _lora_4bit_backward)

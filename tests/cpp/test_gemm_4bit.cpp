@@ -26,14 +26,7 @@ using fourbit_test::TypedBuffer;
 
 using fourbit_test::QuantizedWeight;
 
-float unit_roundoff(DType d) {
-  switch (d) {
-    case DType::Float16: return std::ldexp(1.0f, -11);
-    case DType::BFloat16: return std::ldexp(1.0f, -8);
-    case DType::Float32: break;
-  }
-  return std::ldexp(1.0f, -24);
-}
+using fourbit_test::unit_roundoff;
 
 // |got - ref| <= u_out |ref| + (u_w + 4 sqrt(R) u_fp32) sum_r |a_r b_r| + tiny: the output
 // rounding, the weight rounded to bf16 before the multiply (u_w, bf16 activations only: the

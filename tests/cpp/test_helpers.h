@@ -32,6 +32,16 @@ inline float round_to(DType dtype, float v) {
   return v;
 }
 
+// The unit roundoff of `dtype` (half an ulp of 1): the relative error of one rounding.
+inline double unit_roundoff(DType dtype) {
+  switch (dtype) {
+    case DType::Float16: return std::ldexp(1.0, -11);
+    case DType::BFloat16: return std::ldexp(1.0, -8);
+    case DType::Float32: break;
+  }
+  return std::ldexp(1.0, -24);
+}
+
 // Raw bits of v stored as `dtype` (fp32 bits, or the 16 bits of fp16 / bf16).
 inline uint32_t bits_as(DType dtype, float v) {
   switch (dtype) {

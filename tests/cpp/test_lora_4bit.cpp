@@ -20,14 +20,7 @@ using fourbit::QuantType;
 using fourbit_test::QuantizedWeight;
 using fourbit_test::TypedBuffer;
 
-double unit_roundoff(DType d) {
-  switch (d) {
-    case DType::Float16: return std::ldexp(1.0, -11);
-    case DType::BFloat16: return std::ldexp(1.0, -8);
-    case DType::Float32: break;
-  }
-  return std::ldexp(1.0, -24);
-}
+using fourbit_test::unit_roundoff;
 
 // A reference value with the sum of the absolute values of its terms (the scale of the
 // fp32 accumulation error).
