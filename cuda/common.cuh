@@ -1,5 +1,6 @@
 // Shared device helpers for fourbit's CUDA kernels: launch checking, typed element
-// load/store (fp32 / fp16 / bf16) and dtype dispatch. Internal header.
+// load/store (fp32 / fp16 / bf16, converted by the shared element math so the GPU stores
+// the CPU's bytes, NaN included) and dtype dispatch. Internal header.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,7 @@
 
 #include <cstdint>
 
+#include "fourbit/detail/element_math.h"
 #include "fourbit/error.h"
 #include "fourbit/types.h"
 
@@ -37,16 +39,22 @@ int max_grid_blocks();
 int compute_capability();
 
 __device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) {
+  return detail::half_to_float(__half_as_ushort(x));
+}
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
+  return detail::bf16_to_float(__bfloat16_as_ushort(x));
+}
 
+// Rounds to nearest even with the canonical NaN of detail::float_to_half / float_to_bf16
+// (the hardware conversions would store 0x7FFF for every NaN).
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
+  return __ushort_as_half(detail::float_to_half(x));
 }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
+  return __ushort_as_bfloat16(detail::float_to_bf16(x));
 }
 
 // Calls fn(T{}) with T the device storage type of `dtype`.

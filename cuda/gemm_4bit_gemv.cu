@@ -72,6 +72,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   T* y = static_cast<T*>(p.y);
   const int lane = threadIdx.x % 32;
   const int rows = static_cast<int>(p.M);  // <= kGemvMaxRows
+  const int block_shift = log2_pow2(w.blocksize);  // a shift, not a 64-bit division
   for (int64_t n = blockIdx.x * (int64_t)kGemvWarps + threadIdx.x / 32; n < w.N;
        n += (int64_t)gridDim.x * kGemvWarps) {
     float acc[kGemvMaxRows];
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int64_t c = lane; c < chunks; c += 32) {
         const int64_t g = row_start + c * kChunk;
         const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w.packed + g / 2));
-        const float scale = block_scale(w.scales, g / w.blocksize);
+        const float scale = block_scale(w.scales, g >> block_shift);
         const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
         float wv[kChunk];
 #pragma unroll
@@ -93,8 +94,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
           for (int b = 0; b < 4; ++b) {
             const uint32_t bits = (words[j] >> (8 * b)) & 0xffu;
-            wv[8 * j + 2 * b] = __fmul_rn(lut[bits >> 4], scale);
-            wv[8 * j + 2 * b + 1] = __fmul_rn(lut[bits & 0x0fu], scale);
+            wv[8 * j + 2 * b] = dequant_value(lut[bits >> 4], scale);
+            wv[8 * j + 2 * b + 1] = dequant_value(lut[bits & 0x0fu], scale);
           }
         }
 #pragma unroll
@@ -111,8 +112,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int64_t k = lane; k < w.K; k += 32) {
         const int64_t g = row_start + k;
         const uint8_t bits = w.packed[g >> 1];
-        const float wk =
-            __fmul_rn(lut[(g & 1) ? (bits & 0x0f) : (bits >> 4)], block_scale(w.scales, g / w.blocksize));
+        const float wk = dequant_value(lut[nibble_of(bits, g)], block_scale(w.scales, g >> block_shift));
 #pragma unroll
         for (int m = 0; m < kGemvMaxRows; ++m) {
           if (m < rows) acc[m] = fmaf(to_float(x[m * w.K + k]), wk, acc[m]);

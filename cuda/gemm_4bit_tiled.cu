@@ -92,6 +92,7 @@ template <typename S>
 __device__ void load_weight_tile(const Weight4bit& w, bool vec, const float* lut, int64_t n0,
                                  int rows, int64_t k0, int cols, S* tile, int ld) {
   const int groups_per_row = cols / 8;
+  const int block_shift = log2_pow2(w.blocksize);  // a shift, not a 64-bit division
   for (int gi = threadIdx.x; gi < rows * groups_per_row; gi += kThreads) {
     const int i = gi / groups_per_row;
     const int j = (gi % groups_per_row) * 8;
@@ -101,12 +102,12 @@ __device__ void load_weight_tile(const Weight4bit& w, bool vec, const float* lut
       // K % 8 == 0: the 8 codes are one aligned 32-bit word, inside one scale block.
       const int64_t g = n * w.K + k;
       const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(w.packed + g / 2));
-      const float scale = block_scale(w.scales, g / w.blocksize);
+      const float scale = block_scale(w.scales, g >> block_shift);
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
         const uint32_t bits = (word >> (8 * b)) & 0xffu;
-        dst[2 * b] = to_smem<S>(__fmul_rn(lut[bits >> 4], scale));
-        dst[2 * b + 1] = to_smem<S>(__fmul_rn(lut[bits & 0x0fu], scale));
+        dst[2 * b] = to_smem<S>(dequant_value(lut[bits >> 4], scale));
+        dst[2 * b + 1] = to_smem<S>(dequant_value(lut[bits & 0x0fu], scale));
       }
     } else {
 #pragma unroll
@@ -115,7 +116,7 @@ __device__ void load_weight_tile(const Weight4bit& w, bool vec, const float* lut
         if (n < w.N && k + e < w.K) {
           const int64_t g = n * w.K + k + e;
           const uint8_t bits = w.packed[g >> 1];
-          v = __fmul_rn(lut[(g & 1) ? (bits & 0x0f) : (bits >> 4)], block_scale(w.scales, g / w.blocksize));
+          v = dequant_value(lut[nibble_of(bits, g)], block_scale(w.scales, g >> block_shift));
         }
         dst[e] = to_smem<S>(v);
       }

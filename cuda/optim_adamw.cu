@@ -24,7 +24,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "code_search.cuh"
 #include "common.cuh"
 #include "fourbit/codebook.h"
 #include "fourbit/optim.h"
@@ -139,22 +138,6 @@ __device__ __forceinline__ void store_codes(uint8_t* dst, int valid, bool vec, c
   }
 }
 
-// Nearest code (ties to the lower index, NaN -> 0): the CPU twin's branchless search.
-__device__ __forceinline__ uint8_t nearest_code(float x, const float* code) {
-  if (isnan(x)) return 0;
-  int pos = 0;
-#pragma unroll
-  for (int s = 128; s >= 1; s >>= 1) {
-    if (code[pos + s - 1] <= x) pos += s;
-  }
-  int idx = max(pos - 1, 0);
-  const float dist_left = fabsf(__fsub_rn(x, code[idx]));
-  const float dist_right = fabsf(__fsub_rn(x, code[idx + 1]));
-  if (dist_right < dist_left) idx += 1;
-  if (idx > 0 && code[idx - 1] == code[idx]) idx = lower_bound_256(code, code[idx]);
-  return static_cast<uint8_t>(idx);
-}
-
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
@@ -185,8 +168,8 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
     const float a1 = e.absmax1[block], a2 = e.absmax2[block];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      m[j] = __fmul_rn(qmap1[q1[j]], a1);
-      v[j] = __fmul_rn(qmap2[q2[j]], a2);
+      m[j] = detail::dequant_value(qmap1[q1[j]], a1);
+      v[j] = detail::dequant_value(qmap2[q2[j]], a2);
     }
   } else {
     m32 = static_cast<float*>(e.state1) + first;
@@ -195,20 +178,9 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
     load8<float>(v32, valid, vec, v);
   }
 
-  const bool small_weight = fabsf(c.one_minus_beta1) < 0.5f;
-  const float lerp_coeff = small_weight ? c.one_minus_beta1 : __fsub_rn(c.one_minus_beta1, 1.0f);
+  const detail::AdamWLerp lerp = detail::adamw_lerp(c);
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    if (e.bits8) {
-      m[j] = __fadd_rn(__fmul_rn(m[j], c.beta1), __fmul_rn(g[j], c.one_minus_beta1));
-      v[j] = __fadd_rn(__fmul_rn(v[j], c.beta2), __fmul_rn(c.one_minus_beta2, __fmul_rn(g[j], g[j])));
-    } else {
-      m[j] = __fmaf_rn(lerp_coeff, __fsub_rn(g[j], m[j]), small_weight ? m[j] : g[j]);
-      v[j] = __fmaf_rn(__fmul_rn(c.one_minus_beta2, g[j]), g[j], __fmul_rn(v[j], c.beta2));
-    }
-    const float denom = __fadd_rn(__fsqrt_rn(v[j]), c.eps_scaled);
-    p[j] = __fadd_rn(__fmul_rn(p[j], c.decay), __fdiv_rn(__fmul_rn(c.neg_step_size, m[j]), denom));
-  }
+  for (int j = 0; j < 8; ++j) detail::adamw_update(p[j], g[j], m[j], v[j], c, lerp, e.bits8);
   store8<T>(param, valid, vec, p);
 
   if (!e.bits8) {
@@ -220,8 +192,8 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     if (j < valid) {
-      am1 = fmaxf(am1, fabsf(m[j]));  // fmaxf drops NaN, as the CPU twin does
-      am2 = fmaxf(am2, fabsf(v[j]));
+      am1 = detail::max_ignore_nan(am1, fabsf(m[j]));
+      am2 = detail::max_ignore_nan(am2, fabsf(v[j]));
     }
   }
   am1 = warp_max(am1);
@@ -232,8 +204,8 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
   }
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    q1[j] = nearest_code(__fdiv_rn(m[j], am1), qmap1);
-    q2[j] = nearest_code(__fdiv_rn(v[j], am2), qmap2);
+    q1[j] = detail::quantize_8bit(m[j], am1, qmap1);
+    q2[j] = detail::quantize_8bit(v[j], am2, qmap2);
   }
   store_codes(static_cast<uint8_t*>(e.state1) + first, valid, vec, q1);
   store_codes(static_cast<uint8_t*>(e.state2) + first, valid, vec, q2);

@@ -49,12 +49,13 @@ __global__ void dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit 
                                            int64_t full_chunks) {
   __shared__ float lut[kCodebook4bitSize];
   load_codebook(code, lut);
+  const int block_shift = log2_pow2(p.blocksize);  // a shift, not a 64-bit division
   const uint4* in = reinterpret_cast<const uint4*>(p.packed);
   T* out = static_cast<T*>(p.out);
   for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < full_chunks;
        c += (int64_t)gridDim.x * blockDim.x) {
     const uint4 raw = __ldg(in + c);  // read-only path: each byte is read exactly once
-    const float scale = block_scale(p.scales, (c * kChunkElements) / p.blocksize);
+    const float scale = block_scale(p.scales, (c * kChunkElements) >> block_shift);
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
     float v[kChunkElements];
 #pragma unroll
@@ -62,8 +63,8 @@ __global__ void dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit 
 #pragma unroll
       for (int byte = 0; byte < 4; ++byte) {
         const uint32_t bits = (words[w] >> (8 * byte)) & 0xffu;
-        v[w * 8 + byte * 2] = __fmul_rn(lut[bits >> 4], scale);
-        v[w * 8 + byte * 2 + 1] = __fmul_rn(lut[bits & 0x0fu], scale);
+        v[w * 8 + byte * 2] = dequant_value(lut[bits >> 4], scale);
+        v[w * 8 + byte * 2 + 1] = dequant_value(lut[bits & 0x0fu], scale);
       }
     }
     T* dst = out + c * kChunkElements;
@@ -95,6 +96,7 @@ __global__ void dequantize_4bit_scalar_kernel(Dequantize4bitParams p, Codebook4b
                                               int64_t first_element) {
   __shared__ float lut[kCodebook4bitSize];
   load_codebook(code, lut);
+  const int block_shift = log2_pow2(p.blocksize);
   T* out = static_cast<T*>(p.out);
   const int64_t first_byte = first_element / 2;
   const int64_t bytes = (p.numel + 1) / 2;
@@ -102,24 +104,17 @@ __global__ void dequantize_4bit_scalar_kernel(Dequantize4bitParams p, Codebook4b
        j += (int64_t)gridDim.x * blockDim.x) {
     const uint8_t bits = p.packed[j];
     const int64_t i = 2 * j;
-    const float scale = block_scale(p.scales, i / p.blocksize);  // i, i+1 share a block
-    out[i] = from_float<T>(__fmul_rn(lut[bits >> 4], scale));
-    if (i + 1 < p.numel) out[i + 1] = from_float<T>(__fmul_rn(lut[bits & 0x0f], scale));
+    const float scale = block_scale(p.scales, i >> block_shift);  // i, i+1 share a block
+    out[i] = from_float<T>(dequant_value(lut[bits >> 4], scale));
+    if (i + 1 < p.numel) out[i + 1] = from_float<T>(dequant_value(lut[bits & 0x0f], scale));
   }
 }
 
 __device__ __forceinline__ int bucket_4bit(float x, const Quantizer4bitArgs& q) {
-  if (isnan(x)) return kCodebook4bitSize - 1;
-  int position = 0;
-#pragma unroll
-  for (int k = 0; k < kCodebook4bitSize - 1; ++k) position += x > q.midpoints[k] ? 1 : 0;
-  return position;
+  return detail::bucket_4bit(x, q.midpoints);
 }
 
-// NaN-propagating max (torch.max semantics), used by the warp reduction.
-__device__ __forceinline__ float max_propagate_nan(float a, float b) {
-  return (isnan(a) || a > b) ? a : b;
-}
+using detail::max_propagate_nan;
 
 template <typename T>
 __global__ void quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q,
@@ -133,13 +128,13 @@ __global__ void quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q,
   const T* in = static_cast<const T*>(p.input);
   const int lane = threadIdx.x % 32;
   const int64_t warps_total = (int64_t)gridDim.x * kWarpsPerQuantizeCta;
-  const bool has_tail = p.numel % p.blocksize != 0;
+  const bool has_tail = (p.numel & (p.blocksize - 1)) != 0;  // blocksize: a power of two
   for (int64_t b = blockIdx.x * (int64_t)kWarpsPerQuantizeCta + threadIdx.x / 32; b < blocks;
        b += warps_total) {
     const int64_t start = b * p.blocksize;
     const int64_t len = min(p.blocksize, p.numel - start);
     float m = 0.0f;
-    for (int64_t i = lane; i < len; i += 32) m = max_propagate_nan(fabsf(to_float(in[start + i])), m);
+    for (int64_t i = lane; i < len; i += 32) m = max_propagate_nan(m, fabsf(to_float(in[start + i])));
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
       m = max_propagate_nan(m, __shfl_xor_sync(0xffffffffu, m, offset));
