@@ -13,7 +13,9 @@
 //  - the AdamW element update and the 8-bit state requantization.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "fourbit/optim.h"
 #include "fourbit/quantize.h"
@@ -22,8 +24,6 @@
 #define FOURBIT_HD __host__ __device__ __forceinline__
 #define FOURBIT_UNROLL _Pragma("unroll")
 #else
-#include <cmath>
-#include <cstring>
 #define FOURBIT_HD inline
 #define FOURBIT_UNROLL
 #endif
