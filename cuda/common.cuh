@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "fourbit/detail/element_math.h"
+#include "fourbit/detail/launch_plan.h"
 #include "fourbit/error.h"
 #include "fourbit/types.h"
 
@@ -28,11 +29,10 @@
 namespace fourbit {
 namespace cuda {
 
-// Threads per CTA for the elementwise kernels: enough warps to hide latency, small
-// enough that the grid stays balanced on small tensors.
-constexpr int kThreadsPerBlock = 256;
+// Threads per CTA for the elementwise kernels (launch_plan.h gives the reason).
+constexpr int kThreadsPerBlock = plan::kElementwiseThreads;
 
-// Enough CTAs to fill every SM several times over; grid-stride loops cover the rest.
+// The CTA budget of a grid-stride launch on the current device (plan::max_resident_ctas).
 int max_grid_blocks();
 
 // Compute capability of the current device as major * 10 + minor (90 for H100), cached.
@@ -69,9 +69,7 @@ void dispatch_dtype(DType dtype, Fn&& fn) {
 
 // Grid size for `work_items` independent items at `per_cta` items per CTA.
 inline unsigned int grid_for(int64_t work_items, int64_t per_cta) {
-  const int64_t needed = (work_items + per_cta - 1) / per_cta;
-  const int64_t cap = max_grid_blocks();
-  return static_cast<unsigned int>(needed < cap ? (needed > 0 ? needed : 1) : cap);
+  return plan::grid_stride_ctas(work_items, per_cta, max_grid_blocks());
 }
 
 }  // namespace cuda

@@ -2,14 +2,14 @@
 // Internal header.
 #pragma once
 
+#include "fourbit/detail/launch_plan.h"
 #include "fourbit/gemm.h"
 
 namespace fourbit {
 namespace cuda {
 
-// Rows of X the gemv kernel takes at once (its per-warp accumulators are a register array
-// of this size); larger M loops over row groups, re-reading the weight per group.
-constexpr int64_t kGemvMaxRows = 8;
+// Rows of X the gemv kernel takes at once (launch_plan.h gives the reason).
+constexpr int64_t kGemvMaxRows = plan::kGemvMaxRows;
 
 // Y = X @ deq(W)^T + bias on CUDA cores, memory-bound on the packed weight (any dtype, any M).
 void launch_gemv_4bit(const Gemm4bitParams& p, cudaStream_t stream);

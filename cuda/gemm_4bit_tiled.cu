@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "fourbit/detail/launch_plan.h"
 #include "gemm_4bit_kernels.cuh"
 #include "weight_4bit.cuh"
 
@@ -27,8 +28,8 @@ namespace fourbit {
 namespace cuda {
 namespace {
 
-constexpr int kTileM = 64;     // activation rows per CTA tile
-constexpr int kTileN = 64;     // output columns per CTA tile
+constexpr int kTileM = plan::kTileM;  // activation rows per CTA tile
+constexpr int kTileN = plan::kTileN;  // output columns per CTA tile
 constexpr int kTileK = 32;     // reduction depth per main-loop step
 constexpr int kThreads = 128;  // 4 warps: 2 x 2 warp quarters of 32 x 32 outputs
 // Shared-memory row padding in elements: rows stay 16-byte aligned (and WMMA pointers
@@ -43,6 +44,7 @@ struct TiledArgs {
   const T* bias;  // [cols] or null
   T* c;           // [M, cols]
   int64_t M, R, cols;
+  int64_t row_tiles;  // ceil(M / kTileM), from the host's plan_tiled
   bool vec_weight;  // K % 8 == 0 and packed 4-byte aligned: 8 codes per 32-bit load
   bool vec_act;     // R % 8 == 0 and a 16-byte aligned: 8 activations per vector load
 };
@@ -154,13 +156,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(32) S w_tile[kWRows * kWLd];
   load_codebook(code, lut);
 
-  const int64_t col_tiles = (args.cols + kTileN - 1) / kTileN;
-  const int64_t tiles = col_tiles * ((args.M + kTileM - 1) / kTileM);
   const int warp = threadIdx.x / 32;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    // Column tiles vary fastest, so CTAs running together share their activation rows in L2.
-    const int64_t c0 = (tile % col_tiles) * kTileN;
-    const int64_t m0 = (tile / col_tiles) * kTileM;
+  // blockIdx.x is the column tile (plan_tiled gives every column tile a CTA), blockIdx.y
+  // strides over the row tiles: no division. Column tiles vary fastest in launch order, so
+  // CTAs running together share their activation rows in L2.
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  for (int64_t row_tile = blockIdx.y; row_tile < args.row_tiles; row_tile += gridDim.y) {
+    const int64_t m0 = row_tile * kTileM;
     if constexpr (kTensorCores) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
       using namespace nvcuda;
@@ -266,12 +268,12 @@ template <bool kGradInput>
 void launch_tiled(const Weight4bit& w, const void* a, const void* bias, void* c, int64_t M,
                   int64_t R, int64_t cols, DType dtype, bool tensor_cores, cudaStream_t stream) {
   const Codebook4bit code = codebook_arg(w.quant_type);
-  const int64_t tiles = ((M + kTileM - 1) / kTileM) * ((cols + kTileN - 1) / kTileN);
-  const unsigned int grid = grid_for(tiles, 1);
+  const plan::TiledPlan tiles = plan::plan_tiled(M, cols, max_grid_blocks());
+  const dim3 grid(tiles.grid.x, tiles.grid.y);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     TiledArgs<T> args{w, static_cast<const T*>(a), static_cast<const T*>(bias), static_cast<T*>(c),
-                      M, R, cols, w.K % 8 == 0 && aligned_to(w.packed, 4),
+                      M, R, cols, tiles.row_tiles, w.K % 8 == 0 && aligned_to(w.packed, 4),
                       R % 8 == 0 && aligned_to(a, 16)};
     if constexpr (!std::is_same<T, float>::value) {
       if (tensor_cores) {

@@ -26,7 +26,7 @@ namespace fourbit {
 namespace cuda {
 namespace {
 
-constexpr int kChunkElements = 32;  // elements per dequant thread: one 16-byte load of codes
+constexpr int kChunkElements = plan::kDequantChunkElements;  // one 16-byte load of codes
 constexpr int kWarpsPerQuantizeCta = 8;
 constexpr float kMinAbsmax = 1e-38f;
 
@@ -45,8 +45,8 @@ __device__ __forceinline__ uint32_t pack2(T a, T b) {
 
 // Vector path: requires 16-byte aligned `packed` and `out`; handles only whole chunks.
 template <typename T>
-__global__ void dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit code,
-                                           int64_t full_chunks) {
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit code, int64_t full_chunks) {
   __shared__ float lut[kCodebook4bitSize];
   load_codebook(code, lut);
   const int block_shift = log2_pow2(p.blocksize);  // a shift, not a 64-bit division
@@ -92,14 +92,16 @@ __global__ void dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit 
 // Scalar path: one thread per packed byte, for [first_element, numel). Used for the
 // ragged tail of the vector path and for unaligned pointers.
 template <typename T>
-__global__ void dequantize_4bit_scalar_kernel(Dequantize4bitParams p, Codebook4bit code,
-                                              int64_t first_element) {
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    dequantize_4bit_scalar_kernel(Dequantize4bitParams p, Codebook4bit code, int64_t first_element) {
   __shared__ float lut[kCodebook4bitSize];
   load_codebook(code, lut);
   const int block_shift = log2_pow2(p.blocksize);
   T* out = static_cast<T*>(p.out);
   const int64_t first_byte = first_element / 2;
   const int64_t bytes = (p.numel + 1) / 2;
+  // unroll 1: an unrolled grid-stride loop would compute its trip count with a 64-bit division.
+#pragma unroll 1
   for (int64_t j = first_byte + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < bytes;
        j += (int64_t)gridDim.x * blockDim.x) {
     const uint8_t bits = p.packed[j];
@@ -117,8 +119,8 @@ __device__ __forceinline__ int bucket_4bit(float x, const Quantizer4bitArgs& q) 
 using detail::max_propagate_nan;
 
 template <typename T>
-__global__ void quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q,
-                                     int64_t blocks) {
+__global__ void __launch_bounds__(kWarpsPerQuantizeCta * 32)
+    quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q, int64_t blocks) {
   __shared__ uint8_t sorted_order[kCodebook4bitSize];
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -187,21 +189,17 @@ void dequantize_4bit_cuda(const Dequantize4bitParams& p, cudaStream_t stream) {
   if (p.numel == 0) return;
   const cuda::Codebook4bit code = cuda::codebook_arg(p.quant_type);
   const bool vectorize = cuda::aligned_to(p.packed, 16) && cuda::aligned_to(p.out, 16);
-  const int64_t full_chunks = vectorize ? p.numel / cuda::kChunkElements : 0;
-  const int64_t scalar_from = full_chunks * cuda::kChunkElements;
+  const plan::DequantizePlan split = plan::plan_dequantize_4bit(p.numel, vectorize, cuda::max_grid_blocks());
   cuda::dispatch_dtype(p.out_dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (full_chunks > 0) {
-      const unsigned int grid = cuda::grid_for(full_chunks, cuda::kThreadsPerBlock);
+    if (split.vector_ctas > 0) {
       cuda::dequantize_4bit_vec_kernel<T>
-          <<<grid, cuda::kThreadsPerBlock, 0, stream>>>(p, code, full_chunks);
+          <<<split.vector_ctas, cuda::kThreadsPerBlock, 0, stream>>>(p, code, split.vector_chunks);
       FOURBIT_CUDA_LAUNCH_CHECK();
     }
-    if (scalar_from < p.numel) {
-      const int64_t bytes = (p.numel - scalar_from + 1) / 2;
-      const unsigned int grid = cuda::grid_for(bytes, cuda::kThreadsPerBlock);
+    if (split.scalar_ctas > 0) {
       cuda::dequantize_4bit_scalar_kernel<T>
-          <<<grid, cuda::kThreadsPerBlock, 0, stream>>>(p, code, scalar_from);
+          <<<split.scalar_ctas, cuda::kThreadsPerBlock, 0, stream>>>(p, code, split.scalar_from);
       FOURBIT_CUDA_LAUNCH_CHECK();
     }
   });

@@ -17,7 +17,8 @@ namespace {
 constexpr int kWarpsPerCta = 8;
 
 template <typename T>
-__global__ void quantize_blockwise_kernel(QuantizeBlockwiseParams p, int64_t blocks) {
+__global__ void __launch_bounds__(kWarpsPerCta * 32)
+    quantize_blockwise_kernel(QuantizeBlockwiseParams p, int64_t blocks) {
   __shared__ float code[kDynamicMapSize];
   for (int k = threadIdx.x; k < kDynamicMapSize; k += blockDim.x) code[k] = p.code[k];
   __syncthreads();
@@ -41,12 +42,14 @@ __global__ void quantize_blockwise_kernel(QuantizeBlockwiseParams p, int64_t blo
 }
 
 template <typename T>
-__global__ void dequantize_blockwise_kernel(DequantizeBlockwiseParams p) {
+__global__ void __launch_bounds__(kThreadsPerBlock) dequantize_blockwise_kernel(DequantizeBlockwiseParams p) {
   __shared__ float code[kDynamicMapSize];
   for (int k = threadIdx.x; k < kDynamicMapSize; k += blockDim.x) code[k] = p.code[k];
   __syncthreads();
   T* out = static_cast<T*>(p.out);
   const int block_shift = detail::log2_pow2(p.blocksize);  // a shift, not a 64-bit division
+  // unroll 1: an unrolled grid-stride loop would compute its trip count with a 64-bit division.
+#pragma unroll 1
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.numel;
        i += (int64_t)gridDim.x * blockDim.x) {
     out[i] = from_float<T>(detail::dequant_value(code[p.input[i]], p.absmax[i >> block_shift]));
