@@ -15,8 +15,9 @@
 // hundreds of LoRA tensors of different sizes and dtypes share one launch without padding.
 // 8-bit: the block's new absmax is a warp-shuffle max (no shared memory, no second pass),
 // and each value's nearest code is an 8-step branchless search over the map in shared memory.
-// The table is copied to the device on the same stream through a reused pinned staging
-// buffer, so the launch never synchronises with the host.
+// The table is copied to the device on the same stream through a ring of kStagingSlots
+// reused pinned + device buffers (grown, never allocated per step): the host waits only when
+// that many earlier steps are still queued on the GPU.
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -254,17 +255,65 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32, 2)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// A pinned host buffer per device through which tables reach the GPU: the copy is a true
-// async H2D copy, and the buffer is reused once the event of its previous copy has fired.
-struct Staging {
+// Staging slots per device: a step reuses a slot once the event recorded after the kernel
+// that read it has fired, so up to this many steps can be queued without a host wait.
+constexpr int kStagingSlots = 4;
+
+// A pinned host buffer and a device buffer through which one table reaches the kernel (a
+// true async H2D copy); `done` fires after the kernel that read the device copy.
+struct StagingSlot {
   void* pinned = nullptr;
+  void* device = nullptr;
   size_t capacity = 0;
-  cudaEvent_t copied = nullptr;
+  cudaEvent_t done = nullptr;
   bool pending = false;
+};
+struct DeviceStaging {
+  StagingSlot slots[kStagingSlots];
+  int next = 0;
 };
 constexpr int kMaxDevices = 64;
 std::mutex staging_mutex;
-Staging staging[kMaxDevices];
+DeviceStaging staging[kMaxDevices];
+
+// True when the slot's last kernel has finished (or it never ran one).
+bool slot_free(const StagingSlot& s) {
+  if (!s.pending) return true;
+  const cudaError_t q = cudaEventQuery(s.done);
+  if (q == cudaSuccess) return true;
+  FOURBIT_CHECK_RUNTIME(q == cudaErrorNotReady, "adamw: cudaEventQuery: ", cudaGetErrorString(q));
+  const cudaError_t last = cudaGetLastError();  // clears the not-ready status
+  FOURBIT_CHECK_RUNTIME(last == cudaSuccess || last == cudaErrorNotReady, "adamw: CUDA error: ",
+                        cudaGetErrorString(last));
+  return false;
+}
+
+// A slot of `d` with room for `bytes`: the first free one, else the oldest after waiting.
+StagingSlot& acquire_slot(DeviceStaging& d, size_t bytes) {
+  int pick = -1;
+  for (int k = 0; k < kStagingSlots && pick < 0; ++k) {
+    const int i = (d.next + k) % kStagingSlots;
+    if (slot_free(d.slots[i])) pick = i;
+  }
+  if (pick < 0) {  // kStagingSlots steps in flight: back-pressure
+    pick = d.next;
+    FOURBIT_CUDA_CHECK(cudaEventSynchronize(d.slots[pick].done));
+  }
+  d.next = (pick + 1) % kStagingSlots;
+  StagingSlot& s = d.slots[pick];
+  s.pending = false;
+  if (s.done == nullptr) FOURBIT_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+  if (s.capacity < bytes) {  // grows geometrically: a handful of allocations per process
+    if (s.pinned) FOURBIT_CUDA_CHECK(cudaFreeHost(s.pinned));
+    if (s.device) FOURBIT_CUDA_CHECK(cudaFree(s.device));
+    s.pinned = s.device = nullptr;
+    s.capacity = 0;
+    FOURBIT_CUDA_CHECK(cudaMallocHost(&s.pinned, bytes * 2));
+    FOURBIT_CUDA_CHECK(cudaMalloc(&s.device, bytes * 2));
+    s.capacity = bytes * 2;
+  }
+  return s;
+}
 
 }  // namespace
 }  // namespace cuda
@@ -306,33 +355,17 @@ void adamw_step_cuda(const AdamWMultiTensorParams& p, cudaStream_t stream) {
   FOURBIT_CHECK_RUNTIME(device < cuda::kMaxDevices, "adamw: device ordinal ", device, " >= ",
                         cuda::kMaxDevices);
   const size_t bytes = entries.size() * sizeof(cuda::DeviceEntry);
-  void* table = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(cuda::staging_mutex);
-    cuda::Staging& s = cuda::staging[device];
-    if (s.copied == nullptr) FOURBIT_CUDA_CHECK(cudaEventCreateWithFlags(&s.copied, cudaEventDisableTiming));
-    if (s.pending) FOURBIT_CUDA_CHECK(cudaEventSynchronize(s.copied));
-    s.pending = false;
-    if (s.capacity < bytes) {
-      if (s.pinned) FOURBIT_CUDA_CHECK(cudaFreeHost(s.pinned));
-      s.pinned = nullptr;
-      s.capacity = 0;
-      FOURBIT_CUDA_CHECK(cudaMallocHost(&s.pinned, bytes * 2));
-      s.capacity = bytes * 2;
-    }
-    std::memcpy(s.pinned, entries.data(), bytes);
-    FOURBIT_CUDA_CHECK(cudaMallocAsync(&table, bytes, stream));
-    FOURBIT_CUDA_CHECK(cudaMemcpyAsync(table, s.pinned, bytes, cudaMemcpyHostToDevice, stream));
-    FOURBIT_CUDA_CHECK(cudaEventRecord(s.copied, stream));
-    s.pending = true;
-  }
   const unsigned int grid = cuda::grid_for(total_chunks, 1);
+  std::lock_guard<std::mutex> lock(cuda::staging_mutex);
+  cuda::StagingSlot& s = cuda::acquire_slot(cuda::staging[device], bytes);
+  std::memcpy(s.pinned, entries.data(), bytes);
+  FOURBIT_CUDA_CHECK(cudaMemcpyAsync(s.device, s.pinned, bytes, cudaMemcpyHostToDevice, stream));
   cuda::adamw_multi_tensor_kernel<<<grid, cuda::kWarpsPerCta * 32, 0, stream>>>(
-      static_cast<const cuda::DeviceEntry*>(table), static_cast<int>(entries.size()), total_chunks,
+      static_cast<const cuda::DeviceEntry*>(s.device), static_cast<int>(entries.size()), total_chunks,
       any8 ? p.qmap1 : nullptr, any8 ? p.qmap2 : nullptr);
-  const cudaError_t launch = cudaGetLastError();
-  FOURBIT_CUDA_CHECK(cudaFreeAsync(table, stream));
-  FOURBIT_CUDA_CHECK(launch);
+  FOURBIT_CUDA_LAUNCH_CHECK();
+  FOURBIT_CUDA_CHECK(cudaEventRecord(s.done, stream));
+  s.pending = true;
 }
 
 void adamw_step_32bit_cuda(const AdamW32bitParams& p, cudaStream_t stream) {
