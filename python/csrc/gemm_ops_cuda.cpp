@@ -7,7 +7,6 @@
 //   forward, larger M           -> dequantize into a temporary + cuBLAS
 //   input gradient, every M     -> dequantize into a temporary + cuBLAS
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -22,8 +21,14 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 namespace {
 int current_compute_capability() {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return prop->major * 10 + prop->minor;
+  int device = 0, major = 0, minor = 0;
+  run_core([&] {
+    FOURBIT_CHECK_RUNTIME(cudaGetDevice(&device) == cudaSuccess &&
+                              cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                              cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess,
+                          "could not read the compute capability of CUDA device ", device);
+  });
+  return major * 10 + minor;
 }
 }  // namespace
 

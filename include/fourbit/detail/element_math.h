@@ -17,16 +17,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include "fourbit/detail/host_device.h"
 #include "fourbit/optim.h"
 #include "fourbit/quantize.h"
-
-#if defined(__CUDACC__)
-#define FOURBIT_HD __host__ __device__ __forceinline__
-#define FOURBIT_UNROLL _Pragma("unroll")
-#else
-#define FOURBIT_HD inline
-#define FOURBIT_UNROLL
-#endif
 
 namespace fourbit {
 namespace detail {
