@@ -23,12 +23,14 @@ uint32_t grid_stride_ctas(int64_t work_items, int64_t per_cta, int64_t max_ctas)
   return static_cast<uint32_t>(std::min({needed, max_ctas, kMaxGridX}));
 }
 
-DequantizePlan plan_dequantize_4bit(int64_t numel, bool aligned16, int64_t max_ctas) {
+DequantizePlan plan_dequantize_4bit(int64_t numel, bool aligned, int64_t max_ctas) {
   FOURBIT_CHECK_ARG(numel >= 0, "plan_dequantize_4bit: numel must be >= 0, got ", numel);
   DequantizePlan p;
-  p.vector_chunks = aligned16 ? numel / kDequantChunkElements : 0;
-  p.scalar_from = p.vector_chunks * kDequantChunkElements;
-  if (p.vector_chunks > 0) p.vector_ctas = grid_stride_ctas(p.vector_chunks, kElementwiseThreads, max_ctas);
+  p.vector_words = aligned ? numel / kDequantWordElements : 0;
+  p.scalar_from = p.vector_words * kDequantWordElements;
+  if (p.vector_words > 0) {
+    p.vector_ctas = grid_stride_ctas(p.vector_words, int64_t{kElementwiseThreads} * kDequantWordsInFlight, max_ctas);
+  }
   if (p.scalar_from < numel) {
     const int64_t bytes = (numel - p.scalar_from + 1) / 2;  // the scalar kernel: one per byte
     p.scalar_ctas = grid_stride_ctas(bytes, kElementwiseThreads, max_ctas);

@@ -44,21 +44,26 @@ TEST(LaunchPlan, DequantizeSplitCoversEveryElementOnce) {
                         int64_t{4096} * 14336, (int64_t{1} << 31) + 17, int64_t{5} << 32}) {
     for (bool aligned : {false, true}) {
       const plan::DequantizePlan p = plan::plan_dequantize_4bit(numel, aligned, kBudget);
-      EXPECT_EQ(p.scalar_from, p.vector_chunks * plan::kDequantChunkElements);
+      EXPECT_EQ(p.scalar_from, p.vector_words * plan::kDequantWordElements);
       EXPECT_LE(p.scalar_from, numel);
-      EXPECT_LT(numel - p.scalar_from, aligned ? plan::kDequantChunkElements : numel + 1);
-      if (!aligned) EXPECT_EQ(p.vector_chunks, 0);
-      EXPECT_EQ(p.vector_ctas > 0, p.vector_chunks > 0) << numel;
+      EXPECT_LT(numel - p.scalar_from, aligned ? plan::kDequantWordElements : numel + 1);
+      if (!aligned) EXPECT_EQ(p.vector_words, 0);
+      EXPECT_EQ(p.vector_ctas > 0, p.vector_words > 0) << numel;
       EXPECT_EQ(p.scalar_ctas > 0, p.scalar_from < numel) << numel;
       EXPECT_LE(p.vector_ctas, kBudget);
       EXPECT_LE(p.scalar_ctas, kBudget);
     }
   }
-  // More than 2^31 elements: the vector part alone holds 2^26+ chunks; the counts are int64.
+  // More than 2^31 elements: the vector part alone holds 2^30 words; the counts are int64.
   const plan::DequantizePlan big = plan::plan_dequantize_4bit((int64_t{1} << 33) + 5, true, kBudget);
-  EXPECT_EQ(big.vector_chunks, (int64_t{1} << 33) / 32);
+  EXPECT_EQ(big.vector_words, (int64_t{1} << 33) / 8);
+  EXPECT_EQ(big.vector_ctas, static_cast<uint32_t>(kBudget));
   EXPECT_EQ(big.scalar_from, int64_t{1} << 33);
   EXPECT_EQ(big.scalar_ctas, 1u);  // 5 elements, 3 bytes
+  // A CTA takes 256 threads x 4 words in flight = 1024 words: 4096 elements (512 words) is
+  // one CTA, 8200 elements (1025 words) two.
+  EXPECT_EQ(plan::plan_dequantize_4bit(4096, true, kBudget).vector_ctas, 1u);
+  EXPECT_EQ(plan::plan_dequantize_4bit(8200, true, kBudget).vector_ctas, 2u);
   EXPECT_THROW(plan::plan_dequantize_4bit(-1, true, kBudget), fourbit::Error);
 }
 

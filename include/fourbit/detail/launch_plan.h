@@ -22,8 +22,11 @@ constexpr int64_t kGridStrideCtasPerSm = 32;
 // Elementwise kernels: threads per CTA (8 warps hide latency; small grids stay balanced).
 constexpr int kElementwiseThreads = 256;
 
-// Dequantize: elements per thread in the vector path, one 16-byte load of packed codes.
-constexpr int64_t kDequantChunkElements = 32;
+// Dequantize, vector path: a thread's item is one 8-element word (a 4-byte load of codes, a
+// 16-byte store of bf16/fp16), so a warp's loads and stores are contiguous; each thread keeps
+// 4 such loads in flight (its next grid-stride steps) before decoding.
+constexpr int64_t kDequantWordElements = 8;
+constexpr int kDequantWordsInFlight = 4;
 
 // gemv: warps (weight rows in flight) per CTA, and the activation rows one pass takes (its
 // accumulators are a register array of this size). Above it the weight would be re-read per
@@ -50,17 +53,17 @@ int64_t max_resident_ctas(int sm_count);
 // (a grid-stride loop covers the rest; zero items still launch nothing larger than 1).
 uint32_t grid_stride_ctas(int64_t work_items, int64_t per_cta, int64_t max_ctas);
 
-// dequantize_4bit: whole 32-element chunks take the 16-byte vector kernel when both pointers
-// are 16-byte aligned; elements from scalar_from on (the ragged end, or everything when
-// unaligned) take the scalar kernel, one thread per packed byte. A kernel with no work has
-// 0 CTAs and is not launched.
+// dequantize_4bit: whole 8-element words take the vector kernel when `aligned` (packed
+// 4-byte and out 16-byte aligned); elements from scalar_from on (the ragged end, or
+// everything when unaligned) take the scalar kernel, one thread per packed byte. A kernel
+// with no work has 0 CTAs and is not launched.
 struct DequantizePlan {
-  int64_t vector_chunks = 0;
+  int64_t vector_words = 0;
   int64_t scalar_from = 0;
   uint32_t vector_ctas = 0;
   uint32_t scalar_ctas = 0;
 };
-DequantizePlan plan_dequantize_4bit(int64_t numel, bool aligned16, int64_t max_ctas);
+DequantizePlan plan_dequantize_4bit(int64_t numel, bool aligned, int64_t max_ctas);
 
 // gemv: one warp per output column, kGemvWarps per CTA; rows_per_pass = min(M, kGemvMaxRows).
 struct GemvPlan {
