@@ -90,22 +90,18 @@ if want bench; then
   if [ "$FULL" = 1 ]; then short=(); qshort=(); lshort=(--ms 512 4096); mshort=(--algos);
   else short=(--reps 20 --warmup 3); qshort=(--shapes small); lshort=(--ms 4096 --shapes q_proj);
        mshort=(--ms 1 8 4096 --shapes q_proj down_proj --modes fwd); fi
-  step "benchmark: quantize / dequantize vs bitsandbytes"
-  run_for $((BENCH_S / 4)) "$OUT/bench_quant.log" "$PY" benchmarks/bench_quant.py --device cuda \
-    "${qshort[@]}" "${short[@]}" --json "$OUT/bench_quant.json"
-  tail -n 12 "$OUT/bench_quant.log"
-  step "benchmark: 4-bit matmul vs bitsandbytes vs torch bf16"
-  run_for $((BENCH_S / 4)) "$OUT/bench_matmul.log" "$PY" benchmarks/bench_matmul.py --device cuda \
-    "${mshort[@]}" "${short[@]}" --json "$OUT/bench_matmul.json"
-  tail -n 12 "$OUT/bench_matmul.log"
-  step "benchmark: LoRA layer fwd+bwd vs bitsandbytes+PEFT vs bf16+PEFT"
-  run_for $((BENCH_S / 4)) "$OUT/bench_lora.log" "$PY" benchmarks/bench_lora.py --device cuda \
-    "${lshort[@]}" "${short[@]}" --json "$OUT/bench_lora.json"
-  tail -n 8 "$OUT/bench_lora.log"
-  step "benchmark: AdamW step vs bitsandbytes and torch fused"
-  run_for $((BENCH_S / 4)) "$OUT/bench_optim.log" "$PY" benchmarks/bench_optim.py --device cuda \
-    "${short[@]}" --json "$OUT/bench_optim.json"
-  tail -n 8 "$OUT/bench_optim.log"
+  # bench NAME TITLE ARGS...: one benchmark script under a quarter of the bench budget.
+  bench() {
+    local name=$1 title=$2; shift 2
+    step "benchmark: $title"
+    run_for $((BENCH_S / 4)) "$OUT/bench_$name.log" "$PY" benchmarks/bench_$name.py --device cuda \
+      "$@" "${short[@]}" --json "$OUT/bench_$name.json"
+    tail -n 12 "$OUT/bench_$name.log"
+  }
+  bench quant "quantize / dequantize vs bitsandbytes" "${qshort[@]}"
+  bench matmul "4-bit matmul vs bitsandbytes vs torch bf16" "${mshort[@]}"
+  bench lora "LoRA layer fwd+bwd vs bitsandbytes+PEFT vs bf16+PEFT" "${lshort[@]}"
+  bench optim "AdamW step vs bitsandbytes and torch fused"
 fi
 
 echo; echo "gpu_check: total ${SECONDS}s, status $status" | tee -a "$OUT/summary.txt"

@@ -18,10 +18,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "fourbit/detail/element_math.h"
 #include "dequantize_4bit_avx512.h"
 #include "element_io.h"
 #include "fourbit/codebook.h"
+#include "fourbit/detail/element_math.h"
 #include "fourbit/gemm.h"
 #include "gemm_4bit_driver.h"
 #include "gemm_4bit_kernels.h"

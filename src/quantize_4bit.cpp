@@ -12,10 +12,10 @@
 #include <algorithm>
 #include <cmath>
 
-#include "fourbit/detail/element_math.h"
 #include "dequantize_4bit_avx512.h"
 #include "element_io.h"
 #include "fourbit/codebook.h"
+#include "fourbit/detail/element_math.h"
 #include "fourbit/error.h"
 #include "fourbit/quantize.h"
 

@@ -34,15 +34,9 @@ void cuda_forward(const LoraForwardCall& call) {
   at::Tensor xa = call.xa.view({M, p.r});
   at::mm_out(xa, (call.x_lora.defined() ? call.x_lora : call.x).view({M, K}), call.lora_a.t());
   if (M == 0 || N == 0) return;
-  fourbit::Gemm4bitParams base;
-  base.weight = p.weight;
-  base.x = p.x;
-  base.bias = p.bias;
-  base.y = p.y;
-  base.M = M;
-  base.dtype = p.dtype;
   fourbit::binding::run_core([&] {
-    fourbit::gemm_4bit_cuda(base, fourbit::binding::current_stream(), fourbit::Gemm4bitAlgo::Gemv);
+    fourbit::gemm_4bit_cuda(fourbit::base_product_params(p), fourbit::binding::current_stream(),
+                            fourbit::Gemm4bitAlgo::Gemv);
   });
   call.y.view({M, N}).addmm_(xa, call.lora_b.t(), 1.0, p.scaling);
 }
