@@ -142,7 +142,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32, (gemv_min_ctas_per_sm<T, kRow
                 for (int i = 0; i < 8; ++i) acc[m] = fmaf(xv[i], wv[i], acc[m]);
               }
             }
-
           }
         }
       }
