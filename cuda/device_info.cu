@@ -36,8 +36,7 @@ int max_grid_blocks() {
     FOURBIT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     if (device < kMaxDevices) sm_count_cache[device].store(sms, std::memory_order_relaxed);
   }
-  // 32 CTAs of 256 threads per SM: several waves of full occupancy for grid-stride loops.
-  return sms * 32;
+  return static_cast<int>(plan::max_resident_ctas(sms));
 }
 
 }  // namespace cuda

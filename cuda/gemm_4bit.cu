@@ -17,7 +17,7 @@ namespace fourbit {
 namespace {
 
 bool tensor_cores_usable(DType dtype) {
-  return dtype != DType::Float32 && cuda::compute_capability() >= 80;
+  return plan::tensor_cores_usable(dtype, cuda::compute_capability());
 }
 
 }  // namespace
@@ -27,12 +27,12 @@ void gemm_4bit_cuda(const Gemm4bitParams& p, cudaStream_t stream, Gemm4bitAlgo a
   if (p.M == 0 || p.weight.N == 0) return;
   switch (algo) {
     case Gemm4bitAlgo::Auto:
-      if (p.M <= cuda::kGemvMaxRows) {
-        cuda::launch_gemv_4bit(p, stream);
-      } else {
-        cuda::launch_tiled_4bit_forward(p, tensor_cores_usable(p.dtype), stream);
+      // The core has no dense GEMM: plan::choose_forward picks gemv or a tiled kernel.
+      switch (plan::choose_forward(p.M, p.dtype, cuda::compute_capability(), /*has_blas=*/false)) {
+        case plan::MatmulPath::Gemv: cuda::launch_gemv_4bit(p, stream); return;
+        case plan::MatmulPath::TensorCoreTiled: cuda::launch_tiled_4bit_forward(p, true, stream); return;
+        default: cuda::launch_tiled_4bit_forward(p, false, stream); return;
       }
-      return;
     case Gemm4bitAlgo::Gemv:
       cuda::launch_gemv_4bit(p, stream);
       return;

@@ -12,14 +12,15 @@
 //
 // The shared-memory weight slice is always stored as rows of W ([n][k]); the forward
 // reads it as a column-major B and the input gradient as a row-major B, so one loader
-// serves both. Math: WMMA 16x16x16 tensor-core fragments with fp32 accumulators for
-// fp16/bf16 on sm80+ (each of the 4 warps owns a 32 x 32 quarter of the tile), or an fp32
-// CUDA-core tile (8 x 4 outputs per thread) for fp32 and older GPUs.
-#include <mma.h>
-
+// serves both. Math: tensor-core fragments with fp32 accumulators for
+// fp16/bf16 on sm80+ (mma.sync m16n8k16 fed by ldmatrix; each of the 4 warps owns a 32 x 32
+// quarter of the tile), or an fp32 CUDA-core tile (8 x 4 outputs per thread) for fp32 and
+// older GPUs.
 #include <type_traits>
 
 #include "common.cuh"
+#include "fourbit/detail/mma_layout.h"
+#include "fourbit/detail/launch_plan.h"
 #include "gemm_4bit_kernels.cuh"
 #include "weight_4bit.cuh"
 
@@ -27,12 +28,13 @@ namespace fourbit {
 namespace cuda {
 namespace {
 
-constexpr int kTileM = 64;     // activation rows per CTA tile
-constexpr int kTileN = 64;     // output columns per CTA tile
+constexpr int kTileM = plan::kTileM;  // activation rows per CTA tile
+constexpr int kTileN = plan::kTileN;  // output columns per CTA tile
 constexpr int kTileK = 32;     // reduction depth per main-loop step
 constexpr int kThreads = 128;  // 4 warps: 2 x 2 warp quarters of 32 x 32 outputs
-// Shared-memory row padding in elements: rows stay 16-byte aligned (and WMMA pointers
-// 32-byte aligned) while consecutive rows shift banks.
+// Shared-memory row padding in elements: rows stay 16-byte aligned (ldmatrix's row
+// addresses) while consecutive rows shift banks (80- and 144-byte strides: the 8 rows of an
+// 8x8 matrix hit 8 distinct 16-byte bank groups).
 constexpr int kPad = 8;
 constexpr int kCPad = 4;  // fp32 epilogue tile padding
 
@@ -43,9 +45,43 @@ struct TiledArgs {
   const T* bias;  // [cols] or null
   T* c;           // [M, cols]
   int64_t M, R, cols;
+  int64_t row_tiles;  // ceil(M / kTileM), from the host's plan_tiled
   bool vec_weight;  // K % 8 == 0 and packed 4-byte aligned: 8 codes per 32-bit load
   bool vec_act;     // R % 8 == 0 and a 16-byte aligned: 8 activations per vector load
 };
+
+// ldmatrix.x4 of four 8x8 b16 matrices from shared memory (row addresses per lane).
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c += a b for one m16n8k16 block, fp32 accumulators; S = __half or __nv_bfloat16.
+template <typename S>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same<S, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
 
 template <typename S>
 __device__ __forceinline__ S to_smem(float v) {
@@ -92,6 +128,7 @@ template <typename S>
 __device__ void load_weight_tile(const Weight4bit& w, bool vec, const float* lut, int64_t n0,
                                  int rows, int64_t k0, int cols, S* tile, int ld) {
   const int groups_per_row = cols / 8;
+  const int block_shift = log2_pow2(w.blocksize);  // a shift, not a 64-bit division
   for (int gi = threadIdx.x; gi < rows * groups_per_row; gi += kThreads) {
     const int i = gi / groups_per_row;
     const int j = (gi % groups_per_row) * 8;
@@ -101,12 +138,12 @@ __device__ void load_weight_tile(const Weight4bit& w, bool vec, const float* lut
       // K % 8 == 0: the 8 codes are one aligned 32-bit word, inside one scale block.
       const int64_t g = n * w.K + k;
       const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(w.packed + g / 2));
-      const float scale = block_scale(w.scales, g / w.blocksize);
+      const float scale = block_scale(w.scales, g >> block_shift);
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
         const uint32_t bits = (word >> (8 * b)) & 0xffu;
-        dst[2 * b] = to_smem<S>(__fmul_rn(lut[bits >> 4], scale));
-        dst[2 * b + 1] = to_smem<S>(__fmul_rn(lut[bits & 0x0fu], scale));
+        dst[2 * b] = to_smem<S>(dequant_value(lut[bits >> 4], scale));
+        dst[2 * b + 1] = to_smem<S>(dequant_value(lut[bits & 0x0fu], scale));
       }
     } else {
 #pragma unroll
@@ -115,7 +152,7 @@ __device__ void load_weight_tile(const Weight4bit& w, bool vec, const float* lut
         if (n < w.N && k + e < w.K) {
           const int64_t g = n * w.K + k + e;
           const uint8_t bits = w.packed[g >> 1];
-          v = __fmul_rn(lut[(g & 1) ? (bits & 0x0f) : (bits >> 4)], block_scale(w.scales, g / w.blocksize));
+          v = dequant_value(lut[nibble_of(bits, g)], block_scale(w.scales, g >> block_shift));
         }
         dst[e] = to_smem<S>(v);
       }
@@ -153,45 +190,57 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(32) S w_tile[kWRows * kWLd];
   load_codebook(code, lut);
 
-  const int64_t col_tiles = (args.cols + kTileN - 1) / kTileN;
-  const int64_t tiles = col_tiles * ((args.M + kTileM - 1) / kTileM);
   const int warp = threadIdx.x / 32;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    // Column tiles vary fastest, so CTAs running together share their activation rows in L2.
-    const int64_t c0 = (tile % col_tiles) * kTileN;
-    const int64_t m0 = (tile / col_tiles) * kTileM;
+  // blockIdx.x is the column tile (plan_tiled gives every column tile a CTA), blockIdx.y
+  // strides over the row tiles: no division. Column tiles vary fastest in launch order, so
+  // CTAs running together share their activation rows in L2.
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  for (int64_t row_tile = blockIdx.y; row_tile < args.row_tiles; row_tile += gridDim.y) {
+    const int64_t m0 = row_tile * kTileM;
     if constexpr (kTensorCores) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-      using namespace nvcuda;
-      using BLayout = typename std::conditional<kGradInput, wmma::row_major, wmma::col_major>::type;
+      // mma.sync m16n8k16 fed by ldmatrix (fp16 and bf16 alike; WMMA's bf16 loads do not
+      // use LDSM). Fragment addressing: include/fourbit/detail/mma_layout.h, emulated and
+      // checked on the CPU by tests/cpp/test_mma_layout.cpp.
       __shared__ __align__(32) float c_tile[kTileM * (kTileN + kCPad)];
       const int wm = warp / 2, wn = warp % 2;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+      const int lane = threadIdx.x % 32;
+      float acc[2][4][4];  // [16-row block i][8-column block j][register]
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+      const mma::Coord la = mma::a_ldsm(lane);
+      const mma::Coord lb = kGradInput ? mma::b_ldsm_kn_trans(lane) : mma::b_ldsm_nk(lane);
       for (int64_t r0 = 0; r0 < args.R; r0 += kTileK) {
         stage_slices<T, S, kGradInput>(args, lut, m0, r0, c0, a_tile, w_tile);
 #pragma unroll
         for (int kk = 0; kk < kTileK; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major> a[2];
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, S, BLayout> b[2];
+          uint32_t a[2][4], b[4][2];
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            wmma::load_matrix_sync(a[i], a_tile + (wm * 32 + i * 16) * kALd + kk, kALd);
+            ldsm_x4(a[i], a_tile + (wm * 32 + i * 16 + la.row) * kALd + kk + la.col);
           }
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int col = wn * 32 + j * 16;
-            // Forward: B(k, n) = w_tile[n][k] (column-major); gradient: B(n, k) = w_tile[n][k].
-            const S* ptr = kGradInput ? w_tile + kk * kWLd + col : w_tile + col * kWLd + kk;
-            wmma::load_matrix_sync(b[j], ptr, kWLd);
+          for (int jj = 0; jj < 2; ++jj) {  // 16 output columns per load: two n8 blocks
+            const int n = wn * 32 + jj * 16;
+            uint32_t r[4];
+            if constexpr (kGradInput) {  // w_tile[k][n]: B(k, n) row-major, transposed load
+              ldsm_x4_trans(r, w_tile + (kk + lb.row) * kWLd + n + lb.col);
+            } else {                     // w_tile[n][k]: B(k, n) column-major
+              ldsm_x4(r, w_tile + (n + lb.row) * kWLd + kk + lb.col);
+            }
+            b[2 * jj][0] = r[0];
+            b[2 * jj][1] = r[1];
+            b[2 * jj + 1][0] = r[2];
+            b[2 * jj + 1][1] = r[3];
           }
 #pragma unroll
           for (int i = 0; i < 2; ++i)
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+            for (int j = 0; j < 4; ++j) mma_16816<S>(acc[i][j], a[i], b[j]);
         }
         __syncthreads();
       }
@@ -199,10 +248,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          wmma::store_matrix_sync(c_tile + (wm * 32 + i * 16) * kCLd + wn * 32 + j * 16, acc[i][j],
-                                  kCLd, wmma::mem_row_major);
-        }
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const mma::Coord o = mma::acc(lane, r);
+            c_tile[(wm * 32 + i * 16 + o.row) * kCLd + wn * 32 + j * 8 + o.col] = acc[i][j][r];
+          }
       __syncthreads();
       for (int e = threadIdx.x; e < kTileM * kTileN; e += kThreads) {
         const int i = e / kTileN, j = e % kTileN;
@@ -215,7 +266,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();  // c_tile is rewritten by the next tile
 #elif defined(__CUDA_ARCH__)
       // Device code for an arch below sm80 (e.g. PTX JIT-compiled from compute_75 when the
-      // build has no sm80+ target): no WMMA path here, and the host picks this kernel only
+      // build has no sm80+ target): no tensor-core path here, and the host picks this kernel only
       // on sm80+. Fail loudly rather than return without writing C.
       __trap();
 #endif
@@ -265,12 +316,12 @@ template <bool kGradInput>
 void launch_tiled(const Weight4bit& w, const void* a, const void* bias, void* c, int64_t M,
                   int64_t R, int64_t cols, DType dtype, bool tensor_cores, cudaStream_t stream) {
   const Codebook4bit code = codebook_arg(w.quant_type);
-  const int64_t tiles = ((M + kTileM - 1) / kTileM) * ((cols + kTileN - 1) / kTileN);
-  const unsigned int grid = grid_for(tiles, 1);
+  const plan::TiledPlan tiles = plan::plan_tiled(M, cols, max_grid_blocks());
+  const dim3 grid(tiles.grid.x, tiles.grid.y);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     TiledArgs<T> args{w, static_cast<const T*>(a), static_cast<const T*>(bias), static_cast<T*>(c),
-                      M, R, cols, w.K % 8 == 0 && aligned_to(w.packed, 4),
+                      M, R, cols, tiles.row_tiles, w.K % 8 == 0 && aligned_to(w.packed, 4),
                       R % 8 == 0 && aligned_to(a, 16)};
     if constexpr (!std::is_same<T, float>::value) {
       if (tensor_cores) {

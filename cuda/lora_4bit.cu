@@ -137,14 +137,7 @@ void forward(const Lora4bitForwardParams& p, cudaStream_t stream) {
   // XA[m][q] = sum_k X_l[m][k] A[q][k].
   launch_small_gemm(small_gemm(x_lora, K, 1, a, 1, K, xa, M, r, K, 1.0f, false), stream);
   if (N == 0) return;
-  Gemm4bitParams base;
-  base.weight = p.weight;
-  base.x = p.x;
-  base.bias = p.bias;
-  base.y = p.y;
-  base.M = M;
-  base.dtype = p.dtype;
-  gemm_4bit_cuda(base, stream);
+  gemm_4bit_cuda(base_product_params(p), stream);
   // Y[m][n] += s sum_q XA[m][q] B[n][q].
   launch_small_gemm(small_gemm(static_cast<const T*>(xa), r, 1, b, 1, r, static_cast<T*>(p.y), M,
                                N, r, static_cast<float>(p.scaling), true),

@@ -15,8 +15,9 @@
 // hundreds of LoRA tensors of different sizes and dtypes share one launch without padding.
 // 8-bit: the block's new absmax is a warp-shuffle max (no shared memory, no second pass),
 // and each value's nearest code is an 8-step branchless search over the map in shared memory.
-// The table is copied to the device on the same stream through a reused pinned staging
-// buffer, so the launch never synchronises with the host.
+// The table is copied to the device on the same stream through a ring of kStagingSlots
+// reused pinned + device buffers (grown, never allocated per step): the host waits only when
+// that many earlier steps are still queued on the GPU.
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -24,7 +25,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "code_search.cuh"
 #include "common.cuh"
 #include "fourbit/codebook.h"
 #include "fourbit/optim.h"
@@ -139,22 +139,6 @@ __device__ __forceinline__ void store_codes(uint8_t* dst, int valid, bool vec, c
   }
 }
 
-// Nearest code (ties to the lower index, NaN -> 0): the CPU twin's branchless search.
-__device__ __forceinline__ uint8_t nearest_code(float x, const float* code) {
-  if (isnan(x)) return 0;
-  int pos = 0;
-#pragma unroll
-  for (int s = 128; s >= 1; s >>= 1) {
-    if (code[pos + s - 1] <= x) pos += s;
-  }
-  int idx = max(pos - 1, 0);
-  const float dist_left = fabsf(__fsub_rn(x, code[idx]));
-  const float dist_right = fabsf(__fsub_rn(x, code[idx + 1]));
-  if (dist_right < dist_left) idx += 1;
-  if (idx > 0 && code[idx - 1] == code[idx]) idx = lower_bound_256(code, code[idx]);
-  return static_cast<uint8_t>(idx);
-}
-
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
@@ -185,8 +169,8 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
     const float a1 = e.absmax1[block], a2 = e.absmax2[block];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      m[j] = __fmul_rn(qmap1[q1[j]], a1);
-      v[j] = __fmul_rn(qmap2[q2[j]], a2);
+      m[j] = detail::dequant_value(qmap1[q1[j]], a1);
+      v[j] = detail::dequant_value(qmap2[q2[j]], a2);
     }
   } else {
     m32 = static_cast<float*>(e.state1) + first;
@@ -195,20 +179,9 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
     load8<float>(v32, valid, vec, v);
   }
 
-  const bool small_weight = fabsf(c.one_minus_beta1) < 0.5f;
-  const float lerp_coeff = small_weight ? c.one_minus_beta1 : __fsub_rn(c.one_minus_beta1, 1.0f);
+  const detail::AdamWLerp lerp = detail::adamw_lerp(c);
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    if (e.bits8) {
-      m[j] = __fadd_rn(__fmul_rn(m[j], c.beta1), __fmul_rn(g[j], c.one_minus_beta1));
-      v[j] = __fadd_rn(__fmul_rn(v[j], c.beta2), __fmul_rn(c.one_minus_beta2, __fmul_rn(g[j], g[j])));
-    } else {
-      m[j] = __fmaf_rn(lerp_coeff, __fsub_rn(g[j], m[j]), small_weight ? m[j] : g[j]);
-      v[j] = __fmaf_rn(__fmul_rn(c.one_minus_beta2, g[j]), g[j], __fmul_rn(v[j], c.beta2));
-    }
-    const float denom = __fadd_rn(__fsqrt_rn(v[j]), c.eps_scaled);
-    p[j] = __fadd_rn(__fmul_rn(p[j], c.decay), __fdiv_rn(__fmul_rn(c.neg_step_size, m[j]), denom));
-  }
+  for (int j = 0; j < 8; ++j) detail::adamw_update(p[j], g[j], m[j], v[j], c, lerp, e.bits8);
   store8<T>(param, valid, vec, p);
 
   if (!e.bits8) {
@@ -220,8 +193,8 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     if (j < valid) {
-      am1 = fmaxf(am1, fabsf(m[j]));  // fmaxf drops NaN, as the CPU twin does
-      am2 = fmaxf(am2, fabsf(v[j]));
+      am1 = detail::max_ignore_nan(am1, fabsf(m[j]));
+      am2 = detail::max_ignore_nan(am2, fabsf(v[j]));
     }
   }
   am1 = warp_max(am1);
@@ -232,8 +205,8 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
   }
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    q1[j] = nearest_code(__fdiv_rn(m[j], am1), qmap1);
-    q2[j] = nearest_code(__fdiv_rn(v[j], am2), qmap2);
+    q1[j] = detail::quantize_8bit(m[j], am1, qmap1);
+    q2[j] = detail::quantize_8bit(v[j], am2, qmap2);
   }
   store_codes(static_cast<uint8_t*>(e.state1) + first, valid, vec, q1);
   store_codes(static_cast<uint8_t*>(e.state2) + first, valid, vec, q2);
@@ -282,17 +255,65 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32, 2)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// A pinned host buffer per device through which tables reach the GPU: the copy is a true
-// async H2D copy, and the buffer is reused once the event of its previous copy has fired.
-struct Staging {
+// Staging slots per device: a step reuses a slot once the event recorded after the kernel
+// that read it has fired, so up to this many steps can be queued without a host wait.
+constexpr int kStagingSlots = 4;
+
+// A pinned host buffer and a device buffer through which one table reaches the kernel (a
+// true async H2D copy); `done` fires after the kernel that read the device copy.
+struct StagingSlot {
   void* pinned = nullptr;
+  void* device = nullptr;
   size_t capacity = 0;
-  cudaEvent_t copied = nullptr;
+  cudaEvent_t done = nullptr;
   bool pending = false;
+};
+struct DeviceStaging {
+  StagingSlot slots[kStagingSlots];
+  int next = 0;
 };
 constexpr int kMaxDevices = 64;
 std::mutex staging_mutex;
-Staging staging[kMaxDevices];
+DeviceStaging staging[kMaxDevices];
+
+// True when the slot's last kernel has finished (or it never ran one).
+bool slot_free(const StagingSlot& s) {
+  if (!s.pending) return true;
+  const cudaError_t q = cudaEventQuery(s.done);
+  if (q == cudaSuccess) return true;
+  FOURBIT_CHECK_RUNTIME(q == cudaErrorNotReady, "adamw: cudaEventQuery: ", cudaGetErrorString(q));
+  const cudaError_t last = cudaGetLastError();  // clears the not-ready status
+  FOURBIT_CHECK_RUNTIME(last == cudaSuccess || last == cudaErrorNotReady, "adamw: CUDA error: ",
+                        cudaGetErrorString(last));
+  return false;
+}
+
+// A slot of `d` with room for `bytes`: the first free one, else the oldest after waiting.
+StagingSlot& acquire_slot(DeviceStaging& d, size_t bytes) {
+  int pick = -1;
+  for (int k = 0; k < kStagingSlots && pick < 0; ++k) {
+    const int i = (d.next + k) % kStagingSlots;
+    if (slot_free(d.slots[i])) pick = i;
+  }
+  if (pick < 0) {  // kStagingSlots steps in flight: back-pressure
+    pick = d.next;
+    FOURBIT_CUDA_CHECK(cudaEventSynchronize(d.slots[pick].done));
+  }
+  d.next = (pick + 1) % kStagingSlots;
+  StagingSlot& s = d.slots[pick];
+  s.pending = false;
+  if (s.done == nullptr) FOURBIT_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+  if (s.capacity < bytes) {  // grows geometrically: a handful of allocations per process
+    if (s.pinned) FOURBIT_CUDA_CHECK(cudaFreeHost(s.pinned));
+    if (s.device) FOURBIT_CUDA_CHECK(cudaFree(s.device));
+    s.pinned = s.device = nullptr;
+    s.capacity = 0;
+    FOURBIT_CUDA_CHECK(cudaMallocHost(&s.pinned, bytes * 2));
+    FOURBIT_CUDA_CHECK(cudaMalloc(&s.device, bytes * 2));
+    s.capacity = bytes * 2;
+  }
+  return s;
+}
 
 }  // namespace
 }  // namespace cuda
@@ -334,33 +355,17 @@ void adamw_step_cuda(const AdamWMultiTensorParams& p, cudaStream_t stream) {
   FOURBIT_CHECK_RUNTIME(device < cuda::kMaxDevices, "adamw: device ordinal ", device, " >= ",
                         cuda::kMaxDevices);
   const size_t bytes = entries.size() * sizeof(cuda::DeviceEntry);
-  void* table = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(cuda::staging_mutex);
-    cuda::Staging& s = cuda::staging[device];
-    if (s.copied == nullptr) FOURBIT_CUDA_CHECK(cudaEventCreateWithFlags(&s.copied, cudaEventDisableTiming));
-    if (s.pending) FOURBIT_CUDA_CHECK(cudaEventSynchronize(s.copied));
-    s.pending = false;
-    if (s.capacity < bytes) {
-      if (s.pinned) FOURBIT_CUDA_CHECK(cudaFreeHost(s.pinned));
-      s.pinned = nullptr;
-      s.capacity = 0;
-      FOURBIT_CUDA_CHECK(cudaMallocHost(&s.pinned, bytes * 2));
-      s.capacity = bytes * 2;
-    }
-    std::memcpy(s.pinned, entries.data(), bytes);
-    FOURBIT_CUDA_CHECK(cudaMallocAsync(&table, bytes, stream));
-    FOURBIT_CUDA_CHECK(cudaMemcpyAsync(table, s.pinned, bytes, cudaMemcpyHostToDevice, stream));
-    FOURBIT_CUDA_CHECK(cudaEventRecord(s.copied, stream));
-    s.pending = true;
-  }
   const unsigned int grid = cuda::grid_for(total_chunks, 1);
+  std::lock_guard<std::mutex> lock(cuda::staging_mutex);
+  cuda::StagingSlot& s = cuda::acquire_slot(cuda::staging[device], bytes);
+  std::memcpy(s.pinned, entries.data(), bytes);
+  FOURBIT_CUDA_CHECK(cudaMemcpyAsync(s.device, s.pinned, bytes, cudaMemcpyHostToDevice, stream));
   cuda::adamw_multi_tensor_kernel<<<grid, cuda::kWarpsPerCta * 32, 0, stream>>>(
-      static_cast<const cuda::DeviceEntry*>(table), static_cast<int>(entries.size()), total_chunks,
+      static_cast<const cuda::DeviceEntry*>(s.device), static_cast<int>(entries.size()), total_chunks,
       any8 ? p.qmap1 : nullptr, any8 ? p.qmap2 : nullptr);
-  const cudaError_t launch = cudaGetLastError();
-  FOURBIT_CUDA_CHECK(cudaFreeAsync(table, stream));
-  FOURBIT_CUDA_CHECK(launch);
+  FOURBIT_CUDA_LAUNCH_CHECK();
+  FOURBIT_CUDA_CHECK(cudaEventRecord(s.done, stream));
+  s.pending = true;
 }
 
 void adamw_step_32bit_cuda(const AdamW32bitParams& p, cudaStream_t stream) {

@@ -5,12 +5,14 @@
 // `blocksize` elements has scale absmax[b] (plain fp32, or decoded from the nested
 // double-quantized form inside the kernel).
 //
-// Dequantize (memory bound, the hot path): each thread owns a chunk of 32 elements,
-// i.e. one 16-byte load of packed codes and 64 (bf16/fp16) or 128 (fp32) bytes of
-// 16-byte stores. Blocksizes are powers of two >= 32, so a chunk never straddles two
-// scale blocks: one scale per thread, decoded from the nested absmax in registers (no
-// second launch). The 16-entry codebook sits in shared memory; a grid-stride loop keeps
-// enough loads in flight to saturate HBM.
+// Dequantize (memory bound, the hot path): a thread's item is one 8-element word, a 4-byte
+// load of packed codes and one 16-byte store of bf16/fp16 (two of fp32). Consecutive
+// threads take consecutive words, so every warp load reads 128 contiguous bytes and every
+// warp store writes 512 contiguous bytes (no half-filled sectors). Each thread issues
+// kWordsInFlight loads of its grid-stride steps before decoding any. Blocksizes are powers
+// of two >= 32, so a word never straddles two scale blocks: one scale per word, decoded from
+// the nested absmax in registers (no second launch). The 16-entry codebook sits in shared
+// memory.
 //
 // Quantize: one warp per scale block; lanes take element pairs (one output byte each),
 // reduce the absmax with warp shuffles, then bucket each scaled value against the 15
@@ -26,7 +28,8 @@ namespace fourbit {
 namespace cuda {
 namespace {
 
-constexpr int kChunkElements = 32;  // elements per dequant thread: one 16-byte load of codes
+constexpr int kWordElements = plan::kDequantWordElements;  // one 4-byte load of codes
+constexpr int kWordsInFlight = plan::kDequantWordsInFlight;
 constexpr int kWarpsPerQuantizeCta = 8;
 constexpr float kMinAbsmax = 1e-38f;
 
@@ -43,46 +46,53 @@ __device__ __forceinline__ uint32_t pack2(T a, T b) {
   return lo | (hi << 16);
 }
 
-// Vector path: requires 16-byte aligned `packed` and `out`; handles only whole chunks.
+// Vector path: requires a 4-byte aligned `packed` and a 16-byte aligned `out`; handles only
+// whole 8-element words. Thread t of the grid-stride step owns word t: consecutive lanes
+// load consecutive 4-byte words (128 contiguous bytes per warp load) and store consecutive
+// 16-byte runs of bf16/fp16 (512 contiguous bytes per warp store: whole sectors).
 template <typename T>
-__global__ void dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit code,
-                                           int64_t full_chunks) {
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit code, int64_t words) {
   __shared__ float lut[kCodebook4bitSize];
   load_codebook(code, lut);
-  const uint4* in = reinterpret_cast<const uint4*>(p.packed);
+  const int block_shift = log2_pow2(p.blocksize);  // a shift, not a 64-bit division
+  const uint32_t* in = reinterpret_cast<const uint32_t*>(p.packed);
   T* out = static_cast<T*>(p.out);
-  for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < full_chunks;
-       c += (int64_t)gridDim.x * blockDim.x) {
-    const uint4 raw = __ldg(in + c);  // read-only path: each byte is read exactly once
-    const float scale = block_scale(p.scales, (c * kChunkElements) / p.blocksize);
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-    float v[kChunkElements];
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+#pragma unroll 1
+  for (int64_t w0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; w0 < words;
+       w0 += kWordsInFlight * stride) {
+    uint32_t raw[kWordsInFlight];
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
+    for (int u = 0; u < kWordsInFlight; ++u) {  // every load before any decode
+      const int64_t w = w0 + u * stride;
+      raw[u] = w < words ? __ldg(in + w) : 0u;  // read-only path: each byte read once
+    }
+#pragma unroll
+    for (int u = 0; u < kWordsInFlight; ++u) {
+      const int64_t w = w0 + u * stride;
+      if (w >= words) continue;
+      // 8 elements never straddle a block (blocksizes are powers of two >= 32).
+      const float scale = block_scale(p.scales, (w * kWordElements) >> block_shift);
+      float v[kWordElements];
 #pragma unroll
       for (int byte = 0; byte < 4; ++byte) {
-        const uint32_t bits = (words[w] >> (8 * byte)) & 0xffu;
-        v[w * 8 + byte * 2] = __fmul_rn(lut[bits >> 4], scale);
-        v[w * 8 + byte * 2 + 1] = __fmul_rn(lut[bits & 0x0fu], scale);
+        const uint32_t bits = (raw[u] >> (8 * byte)) & 0xffu;
+        v[byte * 2] = dequant_value(lut[bits >> 4], scale);
+        v[byte * 2 + 1] = dequant_value(lut[bits & 0x0fu], scale);
       }
-    }
-    T* dst = out + c * kChunkElements;
-    if constexpr (sizeof(T) == 4) {
-      float4* d4 = reinterpret_cast<float4*>(dst);
-#pragma unroll
-      for (int k = 0; k < kChunkElements / 4; ++k) {
-        d4[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
-      }
-    } else {
-      uint4* d4 = reinterpret_cast<uint4*>(dst);
-#pragma unroll
-      for (int k = 0; k < kChunkElements / 8; ++k) {
+      T* dst = out + w * kWordElements;
+      if constexpr (sizeof(T) == 4) {
+        float4* d4 = reinterpret_cast<float4*>(dst);
+        d4[0] = make_float4(v[0], v[1], v[2], v[3]);
+        d4[1] = make_float4(v[4], v[5], v[6], v[7]);
+      } else {
         uint4 o;
-        o.x = pack2(from_float<T>(v[8 * k + 0]), from_float<T>(v[8 * k + 1]));
-        o.y = pack2(from_float<T>(v[8 * k + 2]), from_float<T>(v[8 * k + 3]));
-        o.z = pack2(from_float<T>(v[8 * k + 4]), from_float<T>(v[8 * k + 5]));
-        o.w = pack2(from_float<T>(v[8 * k + 6]), from_float<T>(v[8 * k + 7]));
-        d4[k] = o;
+        o.x = pack2(from_float<T>(v[0]), from_float<T>(v[1]));
+        o.y = pack2(from_float<T>(v[2]), from_float<T>(v[3]));
+        o.z = pack2(from_float<T>(v[4]), from_float<T>(v[5]));
+        o.w = pack2(from_float<T>(v[6]), from_float<T>(v[7]));
+        *reinterpret_cast<uint4*>(dst) = o;
       }
     }
   }
@@ -91,39 +101,35 @@ __global__ void dequantize_4bit_vec_kernel(Dequantize4bitParams p, Codebook4bit 
 // Scalar path: one thread per packed byte, for [first_element, numel). Used for the
 // ragged tail of the vector path and for unaligned pointers.
 template <typename T>
-__global__ void dequantize_4bit_scalar_kernel(Dequantize4bitParams p, Codebook4bit code,
-                                              int64_t first_element) {
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    dequantize_4bit_scalar_kernel(Dequantize4bitParams p, Codebook4bit code, int64_t first_element) {
   __shared__ float lut[kCodebook4bitSize];
   load_codebook(code, lut);
+  const int block_shift = log2_pow2(p.blocksize);
   T* out = static_cast<T*>(p.out);
   const int64_t first_byte = first_element / 2;
   const int64_t bytes = (p.numel + 1) / 2;
+  // unroll 1: an unrolled grid-stride loop would compute its trip count with a 64-bit division.
+#pragma unroll 1
   for (int64_t j = first_byte + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < bytes;
        j += (int64_t)gridDim.x * blockDim.x) {
     const uint8_t bits = p.packed[j];
     const int64_t i = 2 * j;
-    const float scale = block_scale(p.scales, i / p.blocksize);  // i, i+1 share a block
-    out[i] = from_float<T>(__fmul_rn(lut[bits >> 4], scale));
-    if (i + 1 < p.numel) out[i + 1] = from_float<T>(__fmul_rn(lut[bits & 0x0f], scale));
+    const float scale = block_scale(p.scales, i >> block_shift);  // i, i+1 share a block
+    out[i] = from_float<T>(dequant_value(lut[bits >> 4], scale));
+    if (i + 1 < p.numel) out[i + 1] = from_float<T>(dequant_value(lut[bits & 0x0f], scale));
   }
 }
 
 __device__ __forceinline__ int bucket_4bit(float x, const Quantizer4bitArgs& q) {
-  if (isnan(x)) return kCodebook4bitSize - 1;
-  int position = 0;
-#pragma unroll
-  for (int k = 0; k < kCodebook4bitSize - 1; ++k) position += x > q.midpoints[k] ? 1 : 0;
-  return position;
+  return detail::bucket_4bit(x, q.midpoints);
 }
 
-// NaN-propagating max (torch.max semantics), used by the warp reduction.
-__device__ __forceinline__ float max_propagate_nan(float a, float b) {
-  return (isnan(a) || a > b) ? a : b;
-}
+using detail::max_propagate_nan;
 
 template <typename T>
-__global__ void quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q,
-                                     int64_t blocks) {
+__global__ void __launch_bounds__(kWarpsPerQuantizeCta * 32)
+    quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q, int64_t blocks) {
   __shared__ uint8_t sorted_order[kCodebook4bitSize];
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -133,13 +139,13 @@ __global__ void quantize_4bit_kernel(Quantize4bitParams p, Quantizer4bitArgs q,
   const T* in = static_cast<const T*>(p.input);
   const int lane = threadIdx.x % 32;
   const int64_t warps_total = (int64_t)gridDim.x * kWarpsPerQuantizeCta;
-  const bool has_tail = p.numel % p.blocksize != 0;
+  const bool has_tail = (p.numel & (p.blocksize - 1)) != 0;  // blocksize: a power of two
   for (int64_t b = blockIdx.x * (int64_t)kWarpsPerQuantizeCta + threadIdx.x / 32; b < blocks;
        b += warps_total) {
     const int64_t start = b * p.blocksize;
     const int64_t len = min(p.blocksize, p.numel - start);
     float m = 0.0f;
-    for (int64_t i = lane; i < len; i += 32) m = max_propagate_nan(fabsf(to_float(in[start + i])), m);
+    for (int64_t i = lane; i < len; i += 32) m = max_propagate_nan(m, fabsf(to_float(in[start + i])));
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
       m = max_propagate_nan(m, __shfl_xor_sync(0xffffffffu, m, offset));
@@ -191,22 +197,18 @@ void dequantize_4bit_cuda(const Dequantize4bitParams& p, cudaStream_t stream) {
   validate(p);
   if (p.numel == 0) return;
   const cuda::Codebook4bit code = cuda::codebook_arg(p.quant_type);
-  const bool vectorize = cuda::aligned_to(p.packed, 16) && cuda::aligned_to(p.out, 16);
-  const int64_t full_chunks = vectorize ? p.numel / cuda::kChunkElements : 0;
-  const int64_t scalar_from = full_chunks * cuda::kChunkElements;
+  const bool vectorize = cuda::aligned_to(p.packed, 4) && cuda::aligned_to(p.out, 16);
+  const plan::DequantizePlan split = plan::plan_dequantize_4bit(p.numel, vectorize, cuda::max_grid_blocks());
   cuda::dispatch_dtype(p.out_dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (full_chunks > 0) {
-      const unsigned int grid = cuda::grid_for(full_chunks, cuda::kThreadsPerBlock);
+    if (split.vector_ctas > 0) {
       cuda::dequantize_4bit_vec_kernel<T>
-          <<<grid, cuda::kThreadsPerBlock, 0, stream>>>(p, code, full_chunks);
+          <<<split.vector_ctas, cuda::kThreadsPerBlock, 0, stream>>>(p, code, split.vector_words);
       FOURBIT_CUDA_LAUNCH_CHECK();
     }
-    if (scalar_from < p.numel) {
-      const int64_t bytes = (p.numel - scalar_from + 1) / 2;
-      const unsigned int grid = cuda::grid_for(bytes, cuda::kThreadsPerBlock);
+    if (split.scalar_ctas > 0) {
       cuda::dequantize_4bit_scalar_kernel<T>
-          <<<grid, cuda::kThreadsPerBlock, 0, stream>>>(p, code, scalar_from);
+          <<<split.scalar_ctas, cuda::kThreadsPerBlock, 0, stream>>>(p, code, split.scalar_from);
       FOURBIT_CUDA_LAUNCH_CHECK();
     }
   });

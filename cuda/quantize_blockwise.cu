@@ -2,11 +2,10 @@
 // is src/quantize_blockwise.cpp and both produce identical bytes (docs/format.md).
 //
 // Quantize: one warp per scale block. The warp reduces absmax (fmaxf ignores NaN, as
-// the CPU twin does), then each lane finds the nearest code of its values with a binary
-// search over the code held in shared memory (8 steps) plus one neighbour comparison.
+// the CPU twin does), then each lane finds the nearest code of its values with the shared
+// search (detail::nearest_code_8bit) over the code held in shared memory.
 // Dequantize: one thread per element, code in shared memory; the nested-absmax users
 // (4-bit dequantize) decode inside their own kernel instead of calling this.
-#include "code_search.cuh"
 #include "common.cuh"
 #include "fourbit/codebook.h"
 #include "fourbit/quantize.h"
@@ -17,34 +16,9 @@ namespace {
 
 constexpr int kWarpsPerCta = 8;
 
-// First index in code[0..256) whose value is > x (std::upper_bound).
-__device__ __forceinline__ int upper_bound_256(const float* code, float x) {
-  int lo = 0, count = kDynamicMapSize;
-  while (count > 0) {
-    const int step = count / 2;
-    if (!(x < code[lo + step])) {
-      lo += step + 1;
-      count -= step + 1;
-    } else {
-      count = step;
-    }
-  }
-  return lo;
-}
-
-__device__ __forceinline__ uint8_t nearest_code(float x, const float* code) {
-  if (isnan(x)) return 0;
-  int idx = max(upper_bound_256(code, x) - 1, 0);
-  if (idx < kDynamicMapSize - 1) {
-    const float dist_left = fabsf(__fsub_rn(x, code[idx]));
-    const float dist_right = fabsf(__fsub_rn(x, code[idx + 1]));
-    if (dist_right < dist_left) idx += 1;
-  }
-  return static_cast<uint8_t>(lower_bound_256(code, code[idx]));
-}
-
 template <typename T>
-__global__ void quantize_blockwise_kernel(QuantizeBlockwiseParams p, int64_t blocks) {
+__global__ void __launch_bounds__(kWarpsPerCta * 32)
+    quantize_blockwise_kernel(QuantizeBlockwiseParams p, int64_t blocks) {
   __shared__ float code[kDynamicMapSize];
   for (int k = threadIdx.x; k < kDynamicMapSize; k += blockDim.x) code[k] = p.code[k];
   __syncthreads();
@@ -55,27 +29,30 @@ __global__ void quantize_blockwise_kernel(QuantizeBlockwiseParams p, int64_t blo
     const int64_t start = b * p.blocksize;
     const int64_t len = min(p.blocksize, p.numel - start);
     float m = 0.0f;
-    for (int64_t i = lane; i < len; i += 32) m = fmaxf(m, fabsf(to_float(in[start + i])));
+    for (int64_t i = lane; i < len; i += 32) m = detail::max_ignore_nan(m, fabsf(to_float(in[start + i])));
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
     }
     if (lane == 0) p.absmax[b] = m;
     for (int64_t i = lane; i < len; i += 32) {
-      p.out[start + i] = nearest_code(__fdiv_rn(to_float(in[start + i]), m), code);
+      p.out[start + i] = detail::quantize_8bit(to_float(in[start + i]), m, code);
     }
   }
 }
 
 template <typename T>
-__global__ void dequantize_blockwise_kernel(DequantizeBlockwiseParams p) {
+__global__ void __launch_bounds__(kThreadsPerBlock) dequantize_blockwise_kernel(DequantizeBlockwiseParams p) {
   __shared__ float code[kDynamicMapSize];
   for (int k = threadIdx.x; k < kDynamicMapSize; k += blockDim.x) code[k] = p.code[k];
   __syncthreads();
   T* out = static_cast<T*>(p.out);
+  const int block_shift = detail::log2_pow2(p.blocksize);  // a shift, not a 64-bit division
+  // unroll 1: an unrolled grid-stride loop would compute its trip count with a 64-bit division.
+#pragma unroll 1
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.numel;
        i += (int64_t)gridDim.x * blockDim.x) {
-    out[i] = from_float<T>(__fmul_rn(code[p.input[i]], p.absmax[i / p.blocksize]));
+    out[i] = from_float<T>(detail::dequant_value(code[p.input[i]], p.absmax[i >> block_shift]));
   }
 }
 

@@ -34,13 +34,10 @@ __device__ __forceinline__ void load_codebook(const Codebook4bit& code, float* l
   __syncthreads();
 }
 
-// fp32 scale of block b; the nested form uses two separate roundings like the CPU twin.
-__device__ __forceinline__ float block_scale(const BlockScales& s, int64_t b) {
-  if (s.absmax_q == nullptr) return s.absmax[b];
-  const float decoded =
-      __fmul_rn(s.nested_code[s.absmax_q[b]], s.nested_absmax[b / s.nested_blocksize]);
-  return __fadd_rn(decoded, *s.offset);
-}
+using detail::block_scale;
+using detail::dequant_value;
+using detail::log2_pow2;
+using detail::nibble_of;
 
 inline bool aligned_to(const void* ptr, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;

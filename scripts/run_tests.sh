@@ -13,6 +13,13 @@ cmake -S . -B build-ci/cpu -G Ninja -DFOURBIT_CUDA=OFF -DCMAKE_BUILD_TYPE=Releas
 cmake --build build-ci/cpu -j "$JOBS"
 ctest --test-dir build-ci/cpu --output-on-failure
 
+echo "== CUDA kernel lint: ptxas -v and SASS for sm_80 and sm_90a (scripts/kernel_lint.py)"
+if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+  "$PY" scripts/kernel_lint.py --jobs "$JOBS"
+else
+  echo "kernel lint: no nvcc on this machine, not run"
+fi
+
 echo "== C++ core: ctest under AddressSanitizer + UndefinedBehaviorSanitizer (portable path, no AVX-512)"
 cmake -S . -B build-ci/asan -G Ninja -DFOURBIT_CUDA=OFF -DCMAKE_BUILD_TYPE=Debug \
   -DFOURBIT_SANITIZE=address,undefined >/dev/null

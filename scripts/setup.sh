@@ -32,6 +32,12 @@ fi
 # (a compile check; set FOURBIT_CUDA_ARCHS to build more).
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   export FOURBIT_CUDA=${FOURBIT_CUDA:-ON}
+  # The kernel lint (scripts/kernel_lint.py) disassembles the cubins with nvdisasm; toolkits
+  # without the binary utilities get it from PyPI.
+  if ! command -v nvdisasm >/dev/null 2>&1 && ! [ -x /usr/local/cuda/bin/nvdisasm ] &&
+     ! "$PY" -c "import glob, sys; sys.exit(not any(glob.glob(p + '/nvidia/cu*/bin/nvdisasm') for p in sys.path))"; then
+    "$PY" -m pip install -q nvidia-cuda-nvdisasm
+  fi
   if [ -z "${FOURBIT_CUDA_ARCHS:-}" ]; then
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d . || true)
     export FOURBIT_CUDA_ARCHS=${cap:-80}

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "float16.h"
+#include "fourbit/detail/element_math.h"
 #include "fourbit/types.h"
 
 namespace fourbit {

@@ -18,10 +18,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "block_scale.h"
 #include "dequantize_4bit_avx512.h"
 #include "element_io.h"
 #include "fourbit/codebook.h"
+#include "fourbit/detail/element_math.h"
 #include "fourbit/gemm.h"
 #include "gemm_4bit_driver.h"
 #include "gemm_4bit_kernels.h"
@@ -43,13 +43,13 @@ void decode_span(const Weight4bit& w, const float* code, int64_t g, int64_t len,
     float scale = 0.0f;
     for (; i < end; ++i) {
       const int64_t e = g + i;
-      const int64_t block = e / w.blocksize;
+      const int64_t block = e >> log2_pow2(w.blocksize);
       if (block != current_block) {
         scale = block_scale(w.scales, block);
         current_block = block;
       }
       const uint8_t byte = w.packed[e >> 1];
-      out[i] = convert(code[(e & 1) ? (byte & 0x0f) : (byte >> 4)] * scale);
+      out[i] = convert(dequant_value(code[nibble_of(byte, e)], scale));
     }
   };
   if (cpu_has_avx512bw()) {

@@ -27,7 +27,7 @@
 // runtime CPU check (cpu_has_avx512bw()).
 #include "gemm_4bit_kernels.h"
 
-#include "block_scale.h"
+#include "fourbit/detail/element_math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -48,9 +48,7 @@ namespace {
 
 // log2(blocksize): blocksizes are powers of two (validate.cpp), so the block of element e
 // is e >> block_shift(w), a shift instead of a 64-bit division per 32 weights.
-inline int block_shift(const Weight4bit& w) {
-  return __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
-}
+inline int block_shift(const Weight4bit& w) { return log2_pow2(w.blocksize); }
 
 // Decodes one weight row to bf16, 32 elements (16 packed bytes) per call, keeping the bf16
 // table of the current scale block and rebuilding it only when the block changes.

@@ -83,8 +83,7 @@ inline float from_order_key(uint32_t k) {
 
 // A 256-entry sorted map, prepared for the two search paths.
 //
-// Portable path: first_of[k] = the first index holding code[k]'s value (duplicates resolve
-// to their first index, as quantize_blockwise does).
+// Portable path: detail::nearest_code_8bit, the search the CUDA kernel runs.
 //
 // AVX-512 path: the nearest-code rule is a monotone step function of x, so it is fully
 // described by 255 thresholds: T[k] = the smallest fp32 x whose code is >= k (found once per
@@ -96,7 +95,6 @@ inline float from_order_key(uint32_t k) {
 struct Map8bit {
   const float* code = nullptr;
   std::array<float, kDynamicMapSize> values{};  // a copy of the map (the cache owns it)
-  std::array<int32_t, kDynamicMapSize> first_of{};
   // levels[L][i] = T[(2i + 1) * (128 >> L)], with T[0] = -inf; 128 floats per level.
   alignas(64) float levels[8][128] = {};
   bool has_thresholds = false;
@@ -107,27 +105,12 @@ struct Map8bit {
 // ------------------------------------------------------------------ portable scalar path
 
 // Nearest code to x (ties to the lower index, duplicates to their first index, NaN -> 0):
-// the same result as quantize_blockwise's rule, found by the branchless search the
-// CUDA kernel uses (pos = number of codes <= x, capped at 255).
-inline uint8_t nearest_code(float x, const Map8bit& map) {
-  if (std::isnan(x)) return 0;
-  int pos = 0;
-  for (int s = 128; s >= 1; s >>= 1) {
-    if (map.code[pos + s - 1] <= x) pos += s;
-  }
-  int idx = std::max(pos - 1, 0);
-  const float dist_left = std::fabs(x - map.code[idx]);
-  const float dist_right = std::fabs(x - map.code[idx + 1]);
-  if (dist_right < dist_left) idx += 1;
-  return static_cast<uint8_t>(map.first_of[idx]);
-}
+// quantize_blockwise's rule, from the shared element math.
+inline uint8_t nearest_code(float x, const Map8bit& map) { return detail::nearest_code_8bit(x, map.code); }
 
 void Map8bit::init(const float* c, bool want_thresholds) {
   std::memcpy(values.data(), c, sizeof(float) * kDynamicMapSize);
   code = values.data();
-  for (int k = 0; k < kDynamicMapSize; ++k) {
-    first_of[k] = (k > 0 && c[k] == c[k - 1]) ? first_of[k - 1] : k;
-  }
   if (!want_thresholds) return;
   std::array<float, kDynamicMapSize> T;
   T[0] = -INFINITY;
@@ -175,36 +158,17 @@ std::shared_ptr<const Map8bit> prepared_map(const float* code, bool want_thresho
 // the (dequantized) moments. `bits8` picks the state formula (see the file comment).
 void update_block_scalar(float* p, const float* g, float* m, float* v, int64_t len,
                          const AdamWCoefficients& c, bool bits8) {
-  const bool small_weight = std::fabs(c.one_minus_beta1) < 0.5f;
-  const float lerp_coeff = small_weight ? c.one_minus_beta1 : c.one_minus_beta1 - 1.0f;
-  for (int64_t i = 0; i < len; ++i) {
-    const float gi = g[i];
-    float mi = m[i], vi = v[i];
-    if (bits8) {
-      mi = mi * c.beta1 + gi * c.one_minus_beta1;
-      vi = vi * c.beta2 + c.one_minus_beta2 * (gi * gi);
-    } else {
-      mi = std::fma(lerp_coeff, gi - mi, small_weight ? mi : gi);
-      vi = std::fma(c.one_minus_beta2 * gi, gi, vi * c.beta2);
-    }
-    const float denom = std::sqrt(vi) + c.eps_scaled;
-    const float pi = p[i] * c.decay;
-    p[i] = pi + (c.neg_step_size * mi) / denom;
-    m[i] = mi;
-    v[i] = vi;
-  }
+  const detail::AdamWLerp lerp = detail::adamw_lerp(c);
+  for (int64_t i = 0; i < len; ++i) detail::adamw_update(p[i], g[i], m[i], v[i], c, lerp, bits8);
 }
 
 // absmax (NaN ignored) and codes of one block of fp32 states.
 void quantize_block_scalar(const float* s, int64_t len, const Map8bit& map, uint8_t* out,
                            float* absmax) {
   float am = 0.0f;
-  for (int64_t i = 0; i < len; ++i) {
-    const float a = std::fabs(s[i]);
-    am = a > am ? a : am;
-  }
+  for (int64_t i = 0; i < len; ++i) am = detail::max_ignore_nan(am, std::fabs(s[i]));
   *absmax = am;
-  for (int64_t i = 0; i < len; ++i) out[i] = nearest_code(s[i] / am, map);
+  for (int64_t i = 0; i < len; ++i) out[i] = detail::quantize_8bit(s[i], am, map.code);
 }
 
 // ------------------------------------------------------------------ AVX-512 path

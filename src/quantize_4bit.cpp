@@ -12,10 +12,10 @@
 #include <algorithm>
 #include <cmath>
 
-#include "block_scale.h"
 #include "dequantize_4bit_avx512.h"
 #include "element_io.h"
 #include "fourbit/codebook.h"
+#include "fourbit/detail/element_math.h"
 #include "fourbit/error.h"
 #include "fourbit/quantize.h"
 
@@ -30,14 +30,7 @@ constexpr float kMinAbsmax = 1e-38f;
 
 inline float clamp_min_absmax(float m) { return m < kMinAbsmax ? kMinAbsmax : m; }  // keeps NaN
 
-// Position of x among the sorted codebook values: the number of midpoints below x.
-// NaN goes to the top position, as torch.bucketize does.
-inline int bucket_4bit(float x, const float* midpoints) {
-  if (std::isnan(x)) return kCodebook4bitSize - 1;
-  int position = 0;
-  for (int k = 0; k < kCodebook4bitSize - 1; ++k) position += x > midpoints[k] ? 1 : 0;
-  return position;
-}
+using detail::bucket_4bit;
 
 template <typename T>
 void quantize_block(const T* in, int64_t len, bool full_block, const Quantizer4bit& q,
@@ -49,7 +42,7 @@ void quantize_block(const T* in, int64_t len, bool full_block, const Quantizer4b
   for (int64_t i = 0; i < len; ++i) {
     const float a = std::fabs(detail::to_float(in[i]));
     has_nan |= std::isnan(a);
-    m = a > m ? a : m;
+    m = detail::max_ignore_nan(m, a);
   }
   if (has_nan) m = std::nanf("");
   const float divisor = clamp_min_absmax(m);
@@ -122,10 +115,10 @@ void dequantize_4bit_typed(const Dequantize4bitParams& p) {
                                                                   code, p.out_dtype, dst)
                               : 0;
     while (done < len) {
-      const int64_t b = done / p.blocksize;
+      const int64_t b = done >> detail::log2_pow2(p.blocksize);
       const int64_t block_end = std::min((b + 1) * p.blocksize, len);
       T table[kCodebook4bitSize];
-      for (int k = 0; k < kCodebook4bitSize; ++k) table[k] = detail::from_float<T>(code[k] * scales[b]);
+      for (int k = 0; k < kCodebook4bitSize; ++k) table[k] = detail::from_float<T>(detail::dequant_value(code[k], scales[b]));
       for (; done + 1 < block_end; done += 2) {
         const uint8_t byte = bytes[done / 2];
         dst[done] = table[byte >> 4];

@@ -18,22 +18,6 @@ namespace {
 
 constexpr int64_t kParallelMinElements = 1 << 15;
 
-// Index of the code value nearest to x (lowest index among equals); 0 for NaN.
-inline uint8_t nearest_code(float x, const float* code) {
-  if (std::isnan(x)) return 0;
-  // First index whose value is > x, then pick between it and its left neighbour.
-  const int upper = static_cast<int>(std::upper_bound(code, code + kDynamicMapSize, x) - code);
-  int idx = std::max(upper - 1, 0);
-  if (idx < kDynamicMapSize - 1) {
-    const float dist_left = std::fabs(x - code[idx]);
-    const float dist_right = std::fabs(x - code[idx + 1]);
-    if (dist_right < dist_left) idx += 1;
-  }
-  // Duplicated values (padding zeros of short maps) resolve to their first index.
-  idx = static_cast<int>(std::lower_bound(code, code + kDynamicMapSize, code[idx]) - code);
-  return static_cast<uint8_t>(idx);
-}
-
 template <typename T>
 void quantize_blockwise_typed(const QuantizeBlockwiseParams& p) {
   const T* in = static_cast<const T*>(p.input);
@@ -45,11 +29,11 @@ void quantize_blockwise_typed(const QuantizeBlockwiseParams& p) {
     float m = 0.0f;
     for (int64_t i = 0; i < len; ++i) {
       const float a = std::fabs(detail::to_float(in[start + i]));
-      m = a > m ? a : m;  // NaN never compares greater: ignored
+      m = detail::max_ignore_nan(m, a);
     }
     p.absmax[b] = m;
     for (int64_t i = 0; i < len; ++i) {
-      p.out[start + i] = nearest_code(detail::to_float(in[start + i]) / m, p.code);
+      p.out[start + i] = detail::quantize_8bit(detail::to_float(in[start + i]), m, p.code);
     }
   }
 }
@@ -64,7 +48,7 @@ void dequantize_blockwise_typed(const DequantizeBlockwiseParams& p) {
     const int64_t len = std::min(p.blocksize, p.numel - start);
     const float scale = p.absmax[b];
     for (int64_t i = 0; i < len; ++i) {
-      out[start + i] = detail::from_float<T>(p.code[p.input[start + i]] * scale);
+      out[start + i] = detail::from_float<T>(detail::dequant_value(p.code[p.input[start + i]], scale));
     }
   }
 }

@@ -39,8 +39,9 @@ void check_scales(const BlockScales& s, int64_t numel, const char* op) {
   if (s.nested()) {
     FOURBIT_CHECK_ARG(s.absmax == nullptr, op,
                       ": pass either absmax (plain) or absmax_q (nested), not both");
-    FOURBIT_CHECK_ARG(s.nested_blocksize > 0, op, ": nested_blocksize must be > 0, got ",
-                      s.nested_blocksize);
+    // A power of two: kernels find a block's nested scale by a shift (element_math.h).
+    FOURBIT_CHECK_ARG(s.nested_blocksize > 0 && (s.nested_blocksize & (s.nested_blocksize - 1)) == 0,
+                      op, ": nested_blocksize must be a power of two, got ", s.nested_blocksize);
     check_ptr(s.nested_code, numel, op, "nested_code");
     check_ptr(s.nested_absmax, numel, op, "nested_absmax");
     check_ptr(s.offset, numel, op, "offset");

@@ -40,6 +40,18 @@ struct Lora4bitForwardParams {
   DType dtype = DType::BFloat16;
 };
 
+// The base product Y = X deq(W)^T + bias of a LoRA forward, as gemm_4bit params.
+inline Gemm4bitParams base_product_params(const Lora4bitForwardParams& p) {
+  Gemm4bitParams base;
+  base.weight = p.weight;
+  base.x = p.x;
+  base.bias = p.bias;
+  base.y = p.y;
+  base.M = p.M;
+  base.dtype = p.dtype;
+  return base;
+}
+
 struct Lora4bitBackwardParams {
   Weight4bit weight;
   const void* grad_output = nullptr;  // dY [M, N]

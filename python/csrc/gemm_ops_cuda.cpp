@@ -2,9 +2,10 @@
 // one-pass dequantize into a temporary followed by cuBLAS (through ATen), which the core
 // cannot do because it does not link cuBLAS.
 //
-// Kernel choice for algo="auto" (the core's own Auto rule is in cuda/gemm_4bit.cu):
-//   M >= kCublasMinRows, or fp32 with M > the gemv limit  -> dequantize + cuBLAS
-//   otherwise                                             -> the core (gemv / tiled kernels)
+// Kernel choice for algo="auto" (include/fourbit/detail/launch_plan.h, has_blas = true):
+//   forward, M <= kGemvMaxRows  -> the core's gemv kernel
+//   forward, larger M           -> dequantize into a temporary + cuBLAS
+//   input gradient, every M     -> dequantize into a temporary + cuBLAS
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,6 +18,29 @@ namespace fourbit {
 namespace binding {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+namespace {
+int current_compute_capability() {
+  int device = 0, major = 0, minor = 0;
+  run_core([&] {
+    FOURBIT_CHECK_RUNTIME(cudaGetDevice(&device) == cudaSuccess &&
+                              cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                              cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess,
+                          "could not read the compute capability of CUDA device ", device);
+  });
+  return major * 10 + minor;
+}
+}  // namespace
+
+bool forward_uses_blas(int64_t M, DType dtype) {
+  return plan::choose_forward(M, dtype, current_compute_capability(), /*has_blas=*/true) ==
+         plan::MatmulPath::DequantizeBlas;
+}
+
+bool grad_input_uses_blas(int64_t M, DType dtype) {
+  return plan::choose_grad_input(M, dtype, current_compute_capability(), /*has_blas=*/true) ==
+         plan::MatmulPath::DequantizeBlas;
+}
 
 at::Tensor dequantized_weight(const Weight4bit& w, DType dtype, const at::TensorOptions& options) {
   at::Tensor out = at::empty({w.N, w.K}, options);
@@ -35,10 +59,6 @@ using fourbit::binding::current_stream;
 using fourbit::binding::ForwardCall;
 using fourbit::binding::GemmAlgo;
 using fourbit::binding::GradInputCall;
-using fourbit::binding::kCublasMinRows;
-
-// Rows the core's gemv kernel takes at once (cuda/gemm_4bit_kernels.cuh).
-constexpr int64_t kGemvMaxRows = 8;
 
 fourbit::Gemm4bitAlgo core_algo(GemmAlgo algo) {
   switch (algo) {
@@ -49,16 +69,16 @@ fourbit::Gemm4bitAlgo core_algo(GemmAlgo algo) {
   }
 }
 
-bool use_cublas(GemmAlgo algo, int64_t M, fourbit::DType dtype) {
+bool use_cublas(GemmAlgo algo, bool auto_uses_blas) {
   if (algo != GemmAlgo::Auto) return algo == GemmAlgo::DequantBlas;
-  return M >= kCublasMinRows || (dtype == fourbit::DType::Float32 && M > kGemvMaxRows);
+  return auto_uses_blas;
 }
 
 void cuda_forward(const ForwardCall& call) {
   const fourbit::Gemm4bitParams& p = call.params;
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
   if (p.M == 0 || p.weight.N == 0) return;
-  if (use_cublas(algo, p.M, p.dtype)) {
+  if (use_cublas(algo, fourbit::binding::forward_uses_blas(p.M, p.dtype))) {
     fourbit::binding::gemm_forward_dense(
         call, fourbit::binding::dequantized_weight(p.weight, p.dtype, call.x.options()));
     return;
@@ -71,7 +91,7 @@ void cuda_grad_input(const GradInputCall& call) {
   const fourbit::Gemm4bitGradInputParams& p = call.params;
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
   if (p.M == 0 || p.weight.K == 0) return;
-  if (use_cublas(algo, p.M, p.dtype)) {
+  if (use_cublas(algo, fourbit::binding::grad_input_uses_blas(p.M, p.dtype))) {
     fourbit::binding::gemm_grad_input_dense(
         call, fourbit::binding::dequantized_weight(p.weight, p.dtype, call.grad_output.options()));
     return;

@@ -7,18 +7,21 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include "fourbit/detail/launch_plan.h"
 #include "fourbit/gemm.h"
 
 namespace fourbit {
 namespace binding {
 
-// Activation rows from which cuBLAS (after the dequantize) takes over: at large M the GEMM
-// dominates and the one extra pass over the weight is a few percent of it. An estimate
-// from the H100 anchors (bitsandbytes' fused kernel loses to dequantize + cuBLAS above
-// M ~ 1536); to be tuned with benchmarks/bench_matmul.py on the GPU.
-constexpr int64_t kCublasMinRows = 1024;
-
 cudaStream_t current_stream();
+
+// The path of a matmul with M rows in the binding, which has cuBLAS (through ATen):
+// plan::choose_forward / choose_grad_input with has_blas = true. Above the gemv's
+// kGemvMaxRows rows the weight is dequantized into a temporary from torch's caching
+// allocator and cuBLAS runs the product (the fused tiled kernel is estimated 3-4x slower
+// than bf16 cuBLAS at M = 9..1023; docs/kernels.md).
+bool forward_uses_blas(int64_t M, DType dtype);
+bool grad_input_uses_blas(int64_t M, DType dtype);
 
 // The weight dequantized to `dtype` in one pass (a fresh tensor; the caching allocator
 // hands back the same block call after call).

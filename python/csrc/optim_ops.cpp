@@ -12,6 +12,8 @@
 #include <functional>
 #include <string>
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
 #include "fourbit/error.h"
 #include "fourbit/paging.h"
 
@@ -155,7 +157,9 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 int page_device(const c10::Device& device) {
   if (device.is_cpu()) return kHostDevice;
   TORCH_CHECK_VALUE(device.is_cuda(), "device must be cpu or cuda, got ", device);
-  return device.has_index() ? device.index() : 0;
+  if (device.has_index()) return device.index();
+  // A bare "cuda" is torch's current device, not device 0.
+  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getDevice().index();
 }
 
 // Zero-filled tensor on a page-manager buffer: managed memory on a CUDA device, plain

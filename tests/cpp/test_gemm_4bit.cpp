@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "dequantize_4bit_avx512.h"
-#include "float16.h"
+#include "fourbit/detail/element_math.h"
 #include "fourbit/codebook.h"
 #include "fourbit/gemm.h"
 #include "fourbit/quantize.h"

@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "float16.h"
+#include "fourbit/detail/element_math.h"
 #include "fourbit/error.h"
 #include "fourbit/types.h"
 
