@@ -220,8 +220,9 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     if (j < valid) {
-      am1 = fmaxf(am1, fabsf(m[j]));  // fmaxf drops NaN, as the CPU twin does
-      am2 = fmaxf(am2, fabsf(v[j]));
+      // Finite moments only (NaN and inf left out), as the CPU twin ("Non-finite gradients" in src/optim_adamw.cpp).
+      am1 = fmaxf(am1, fabsf(m[j]) < INFINITY ? fabsf(m[j]) : 0.0f);
+      am2 = fmaxf(am2, fabsf(v[j]) < INFINITY ? fabsf(v[j]) : 0.0f);
     }
   }
   am1 = warp_max(am1);
