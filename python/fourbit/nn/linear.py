@@ -191,7 +191,9 @@ class Linear4bit(nn.Linear):
                     f"without '{wkey}.quant_state.bitsandbytes__*' and the other '{wkey}.*' entries; load float "
                     "weights before quantizing (.to(device) / .quantize())")
                 return
-            error = self._check_plain(state_dict, wkey, weight) or self._check_bias(state_dict, prefix)
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            error = (self._check_plain(state_dict, wkey, weight, assign)
+                     or self._check_bias(state_dict, prefix, assign))
             if error:
                 error_msgs.append(error)
                 return
@@ -204,7 +206,7 @@ class Linear4bit(nn.Linear):
         except ValueError as e:
             error_msgs.append(str(e))
             return
-        error = self._check_bias(state_dict, prefix)
+        error = self._check_bias(state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
         if error:
             error_msgs.append(error)
             return
@@ -260,13 +262,13 @@ class Linear4bit(nn.Linear):
                           compress_statistics=quant_state.nested, quant_type=quant_state.quant_type,
                           quant_storage=data.dtype, bnb_quantized=True)
 
-    def _check_bias(self, state_dict, prefix) -> Optional[str]:
+    def _check_bias(self, state_dict, prefix, assign: bool) -> Optional[str]:
         if self.bias is None:
             return None  # a 'bias' entry is reported as an unexpected key by the base class under strict
-        return self._check_plain(state_dict, prefix + "bias", self.bias)
+        return self._check_plain(state_dict, prefix + "bias", self.bias, assign)
 
     @staticmethod
-    def _check_plain(state_dict, key, param) -> Optional[str]:
+    def _check_plain(state_dict, key, param, assign: bool = False) -> Optional[str]:
         """The base class's checks for one entry, done up front so that nothing is half-loaded."""
         if key not in state_dict:
             return None
@@ -276,7 +278,27 @@ class Linear4bit(nn.Linear):
         if value.shape != param.shape:
             name = key.rsplit(".", 1)[-1]
             return f"{key}: has shape {list(value.shape)}, but this module's {name} is {list(param.shape)}"
+        if value.is_meta and not param.is_meta and not assign:
+            return f"{key}: is on the meta device (it has no values to copy); load real values or use assign=True"
         return None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, all or nothing: if it raises (a bad entry, or a missing or
+        unexpected key under ``strict=True``), the weight (packed bytes and QuantState) and the
+        bias are exactly what they were before the call. (Inside a larger model, torch's own
+        ``load_state_dict`` drives ``_load_from_state_dict``, which checks every entry of this
+        layer before changing it; missing keys elsewhere are torch's to report.)"""
+        saved = [(module, name, param, param.detach().clone()) for module in self.modules()
+                 for name, param in module._parameters.items() if param is not None]
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            with torch.no_grad():
+                for module, name, param, data in saved:
+                    module._parameters[name] = param
+                    param.copy_(data)
+            self._gemm_cache = None
+            raise
 
     def extra_repr(self) -> str:
         qs = self.quant_state
