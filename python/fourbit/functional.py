@@ -127,11 +127,16 @@ class QuantState:
             if fields.get("quant_type") in _VALID_QUANT_TYPES and fields["quant_type"] != suffix:
                 raise ValueError(f"quant_state key '{key}' names quant_type {suffix!r} but its JSON says "
                                  f"quant_type={fields['quant_type']!r}; the checkpoint is inconsistent")
+            both = sorted({k.split(".")[-1] for k in qs_dict} & set(fields))
+            if both:
+                raise ValueError(f"quant_state keys {both} are given both as entries and in '{key}'")
             qs_dict.update(fields)
         qs_dict = {k.split(".")[-1]: v for k, v in qs_dict.items()}
         unknown = sorted(set(qs_dict) - set(cls.valid_qs_keys))
         if unknown:
             raise ValueError(f"unexpected quant_state keys {unknown}; valid keys are {cls.valid_qs_keys}")
+
+        to_real_device = device is not None and torch.device(device).type != "meta"
 
         def need(key, kind):
             if key not in qs_dict:
@@ -139,6 +144,8 @@ class QuantState:
             value = qs_dict[key]
             if kind is torch.Tensor and not isinstance(value, torch.Tensor):
                 raise ValueError(f"quant_state key '{key}' must be a tensor, got {type(value).__name__}")
+            if kind is torch.Tensor and value.is_meta and to_real_device:
+                raise ValueError(f"quant_state key '{key}' is on the meta device (it has no values)")
             if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"quant_state key '{key}' must be an int, got {value!r}")
             return value
@@ -172,6 +179,10 @@ class QuantState:
                          code=need("nested_quant_map", torch.Tensor).to(device).contiguous(),
                          dtype=_parse_dtype(need("nested_dtype", str), "nested_dtype"))
         else:
+            stray = sorted(k for k in qs_dict if k.startswith("nested_"))
+            if stray:
+                raise ValueError(f"quant_state keys {stray} describe a double-quantized absmax, but key "
+                                 "'nested_absmax' is missing")
             offset, state2 = None, None
         state = cls(quant_type=quant_type, absmax=absmax.to(device).contiguous(), blocksize=blocksize,
                     code=code.to(device).contiguous(), dtype=dtype, shape=shape, offset=offset, state2=state2)

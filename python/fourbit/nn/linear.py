@@ -231,6 +231,7 @@ class Linear4bit(nn.Linear):
                              "checkpoint is truncated or not a 4-bit one")
         if not isinstance(data, torch.Tensor):
             raise ValueError(f"{wkey}: must be a tensor of packed 4-bit codes, got {type(data).__name__}")
+        _check_quant_storage(data.dtype, f"{wkey}'s dtype (the quant_storage)")
         absmax = qs_entries.get("absmax")
         nested = [k for k in ("nested_absmax", "nested_quant_map") if k in qs_entries]
         if nested or (isinstance(absmax, torch.Tensor) and absmax.dtype == torch.uint8):
@@ -257,6 +258,8 @@ class Linear4bit(nn.Linear):
             _check_packed_data(data, quant_state, wkey)
         except ValueError as e:
             raise ValueError(f"{wkey}: {e}") from None
+        if data.is_meta and device.type != "meta":
+            raise ValueError(f"{wkey}: is on the meta device (it has no values to load)")
         return Params4bit(data.detach().to(device, copy=True), requires_grad=old.requires_grad,
                           quant_state=quant_state, blocksize=quant_state.blocksize,
                           compress_statistics=quant_state.nested, quant_type=quant_state.quant_type,

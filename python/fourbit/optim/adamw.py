@@ -244,6 +244,8 @@ class _AdamWBase(torch.optim.Optimizer):
         for i, (g, sg) in enumerate(zip(groups, saved_groups)):
             if not isinstance(sg, Mapping) or not isinstance(sg.get("params"), (list, tuple)):
                 raise ValueError(f"param_groups[{i}] must be a dict with a 'params' list, got {sg!r:.200}")
+            if not all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in sg["params"]):
+                raise ValueError(f"param_groups[{i}]['params'] must hold parameter ids (ints), got {sg['params']!r:.200}")
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(f"loaded state dict's parameter group {i} has {len(sg['params'])} "
                                  f"parameters, the optimizer's has {len(g['params'])}")
