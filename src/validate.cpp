@@ -129,7 +129,8 @@ void validate(const Gemm4bitParams& p) {
   check_ptr(p.y, y_numel, op, "y");
   const int64_t esize = element_size(p.dtype);
   check_disjoint(op, p.y, y_numel * esize, "y", p.x, x_numel * esize, "x");
-  check_disjoint(op, p.y, y_numel * esize, "y", p.bias, p.weight.N * esize, "bias");
+  check_disjoint(op, p.y, y_numel * esize, "y", p.bias, checked_mul(p.weight.N, esize, op, "N * itemsize"),
+                 "bias");
   check_disjoint_weight(op, p.y, y_numel * esize, "y", p.weight);
 }
 
