@@ -500,6 +500,26 @@ TEST(Paging, DeviceBuffersNeedCuda) {
 
 }  // namespace
 
+namespace {
+
+// An fp32 single-tensor 8-bit step over the given buffers, with bitsandbytes' maps.
+fourbit::AdamW8bitParams eight_bit_params(float* param, const float* grad, uint8_t* s1, uint8_t* s2, float* a1,
+                                          float* a2, int64_t numel) {
+  fourbit::AdamW8bitParams p;
+  p.param = param;
+  p.grad = grad;
+  p.state1 = s1;
+  p.state2 = s2;
+  p.absmax1 = a1;
+  p.absmax2 = a2;
+  p.qmap1 = signed_map().data();
+  p.qmap2 = unsigned_map().data();
+  p.numel = numel;
+  return p;
+}
+
+}  // namespace
+
 // The 8-bit maps must be sorted: the nearest-code search relies on it. A descending map (or
 // one with a NaN) is an argument error before anything is written.
 TEST(AdamW, RejectsUnsortedMaps) {
@@ -512,16 +532,10 @@ TEST(AdamW, RejectsUnsortedMaps) {
   using Case = std::tuple<const Code*, const Code*, std::string>;
   for (const auto& [bad1, bad2, name] : {Case{&descending, &unsigned_map(), "qmap1"},
                                         Case{&signed_map(), &with_nan, "qmap2"}}) {
-    fourbit::AdamW8bitParams p;
-    p.param = param.data();
-    p.grad = grad.data();
-    p.state1 = codes.data();
-    p.state2 = codes.data() + 256;
-    p.absmax1 = absmax.data();
-    p.absmax2 = absmax.data() + 1;
+    fourbit::AdamW8bitParams p = eight_bit_params(param.data(), grad.data(), codes.data(), codes.data() + 256,
+                                                  absmax.data(), absmax.data() + 1, 256);
     p.qmap1 = bad1->data();
     p.qmap2 = bad2->data();
-    p.numel = 256;
     EXPECT_TRUE(throws_invalid([&] { fourbit::adamw_step_8bit(p); },
                                {name + " must be sorted ascending"}));
     EXPECT_EQ(param, std::vector<float>(256, 1.0f));
@@ -537,16 +551,8 @@ TEST(AdamW, EightBitNonFiniteGradientStaysInItsElement) {
     std::vector<float> param = normal_data(n, 5), grad(n);
     std::vector<uint8_t> s1(n), s2(n);
     std::vector<float> a1(2), a2(2);
-    fourbit::AdamW8bitParams p;
-    p.param = param.data();
-    p.grad = grad.data();
-    p.state1 = s1.data();
-    p.state2 = s2.data();
-    p.absmax1 = a1.data();
-    p.absmax2 = a2.data();
-    p.qmap1 = signed_map().data();
-    p.qmap2 = unsigned_map().data();
-    p.numel = n;
+    fourbit::AdamW8bitParams p = eight_bit_params(param.data(), grad.data(), s1.data(), s2.data(), a1.data(),
+                                                  a2.data(), n);
     for (int step = 1; step <= 3; ++step) {
       const std::vector<float> fresh = normal_data(n, 10 + step);
       std::copy(fresh.begin(), fresh.end(), grad.begin());  // p.grad keeps pointing at grad
