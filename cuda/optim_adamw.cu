@@ -193,8 +193,9 @@ __device__ void update_block(const DeviceEntry& e, int64_t block, int lane, cons
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     if (j < valid) {
-      am1 = detail::max_ignore_nan(am1, fabsf(m[j]));
-      am2 = detail::max_ignore_nan(am2, fabsf(v[j]));
+      // Finite moments only, as the CPU twin ("Non-finite gradients" in src/optim_adamw.cpp).
+      am1 = detail::max_abs_finite(am1, m[j]);
+      am2 = detail::max_abs_finite(am2, v[j]);
     }
   }
   am1 = warp_max(am1);

@@ -28,6 +28,16 @@ FOURBIT_DISABLE_AVX512=1 ctest --test-dir build-ci/asan --output-on-failure
 echo "== C++ core: the same, with the AVX-512 kernels (where the CPU has them)"
 ctest --test-dir build-ci/asan --output-on-failure
 
+echo "== C++ core: libFuzzer over validation and parsing, under ASan + UBSan (${FUZZ_SECONDS:=60} s)"
+CXX=clang++ cmake -S . -B build-ci/fuzz -G Ninja -DFOURBIT_CUDA=OFF -DFOURBIT_BUILD_TESTS=OFF \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFOURBIT_BUILD_FUZZERS=ON \
+  -DFOURBIT_SANITIZE=address,undefined,fuzzer-no-link >/dev/null
+cmake --build build-ci/fuzz -j "$JOBS"
+mkdir -p build-ci/fuzz/corpus build-ci/fuzz/findings
+UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 OMP_NUM_THREADS=1 ./build-ci/fuzz/tests/fuzz/fuzz_core \
+  -max_total_time="$FUZZ_SECONDS" -max_len=4096 -rss_limit_mb=4096 -print_final_stats=1 \
+  -artifact_prefix=build-ci/fuzz/findings/ build-ci/fuzz/corpus 2>&1 | { grep -v -E "^#[0-9]+ +(NEW|REDUCE|pulse)|NEW_FUNC" || true; }
+
 echo "== C++ API: install the package, build examples/cpp against it with find_package(fourbit)"
 rm -rf build-ci/prefix build-ci/consumer
 cmake --install build-ci/cpu --prefix build-ci/prefix >/dev/null

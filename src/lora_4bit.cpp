@@ -66,9 +66,11 @@ void validate(const Lora4bitForwardParams& p) {
   validate_base(base, op);
   check_rank(p.r, op);
   const int64_t N = p.weight.N, K = p.weight.K;
-  check_ptr(p.lora_a, p.r * K, op, "lora_a");
-  check_ptr(p.lora_b, N * p.r, op, "lora_b");
-  check_ptr(p.xa, p.M * p.r, op, "xa");
+  check_ptr(p.lora_a, checked_mul(p.r, K, op, "r * K"), op, "lora_a");
+  check_ptr(p.lora_b, checked_mul(N, p.r, op, "N * r"), op, "lora_b");
+  check_ptr(p.xa, checked_mul(p.M, p.r, op, "M * r"), op, "xa");
+  checked_mul(p.M * N, p.r, op, "M * N * r (the adapter's work)");  // M * N: checked by the base
+  checked_mul(p.M * K, p.r, op, "M * K * r (the adapter's work)");
 }
 
 void validate(const Lora4bitBackwardParams& p) {
@@ -88,10 +90,12 @@ void validate(const Lora4bitBackwardParams& p) {
   FOURBIT_CHECK_ARG(p.separate_lora_input || p.grad_input_lora == nullptr, op,
                     ": grad_input_lora is given but separate_lora_input is false (without a "
                     "separate X_l the adapter's input gradient is part of grad_input)");
-  check_ptr(p.lora_a, r * K, op, "lora_a");
-  check_ptr(p.lora_b, N * r, op, "lora_b");
-  if (p.grad_a) check_ptr(p.x_lora, M * K, op, "x_lora (needed for grad_a)");
-  if (p.grad_b) check_ptr(p.xa, M * r, op, "xa (needed for grad_b)");
+  check_ptr(p.lora_a, checked_mul(r, K, op, "r * K"), op, "lora_a");
+  check_ptr(p.lora_b, checked_mul(N, r, op, "N * r"), op, "lora_b");
+  if (p.grad_a) check_ptr(p.x_lora, checked_mul(M, K, op, "M * K"), op, "x_lora (needed for grad_a)");
+  if (p.grad_b) check_ptr(p.xa, checked_mul(M, r, op, "M * r"), op, "xa (needed for grad_b)");
+  checked_mul(M * N, r, op, "M * N * r (the adapter's work)");  // M * N, M * K: checked by the base
+  checked_mul(M * K, r, op, "M * K * r (the adapter's work)");
 }
 
 // ---------------------------------------------------------------------------- kernels

@@ -53,6 +53,12 @@ constexpr int64_t kBlock = kAdamW8bitBlocksize;
 constexpr int64_t kChunkElements = 16 * kBlock;
 // Below this many elements in the whole table, threads cost more than they save.
 constexpr int64_t kParallelMinElements = 1 << 15;
+// Non-finite gradients: the 8-bit requantization takes each block's absmax over its finite
+// moments only, so that a non-finite gradient element (which makes its own moments inf or
+// NaN) stays confined to its own parameter, as in torch.optim.AdamW, instead of turning the
+// absmax of its block into inf and every parameter of the block into NaN on the next step
+// (bitsandbytes lets the inf through). An inf moment is stored as the map's end code, a NaN
+// one as code 0; the parameter itself is already NaN, as torch's would be.
 
 using detail::AdamWCoefficients;
 
@@ -133,7 +139,7 @@ void Map8bit::init(const float* c, bool want_thresholds) {
 
 // The prepared map for `code` (built once per distinct map content and kept: building the
 // bucket table costs about a millisecond, a step of a small group much less).
-std::shared_ptr<const Map8bit> prepared_map(const float* code, bool want_thresholds) {
+std::shared_ptr<const Map8bit> prepared_map(const float* code, bool want_thresholds, const char* name) {
   if (code == nullptr) return std::make_shared<Map8bit>();
   constexpr size_t kMaxCached = 8;  // two maps per optimizer; a few distinct maps at most
   static std::mutex mutex;
@@ -144,6 +150,11 @@ std::shared_ptr<const Map8bit> prepared_map(const float* code, bool want_thresho
         (!want_thresholds || m->has_thresholds)) {
       return m;
     }
+  }
+  // A new map is checked once, here: the nearest-code search needs it sorted (NaN fails too).
+  for (int k = 0; k + 1 < kDynamicMapSize; ++k) {
+    FOURBIT_CHECK_ARG(code[k] <= code[k + 1], "adamw: ", name, " must be sorted ascending, but ",
+                      name, "[", k, "] = ", code[k], " > ", name, "[", k + 1, "] = ", code[k + 1]);
   }
   if (cache.size() >= kMaxCached) cache.erase(cache.begin());  // callers keep their shared_ptr
   auto m = std::make_shared<Map8bit>();
@@ -162,11 +173,11 @@ void update_block_scalar(float* p, const float* g, float* m, float* v, int64_t l
   for (int64_t i = 0; i < len; ++i) detail::adamw_update(p[i], g[i], m[i], v[i], c, lerp, bits8);
 }
 
-// absmax (NaN ignored) and codes of one block of fp32 states.
+// absmax (over finite moments only) and codes of one block of fp32 states.
 void quantize_block_scalar(const float* s, int64_t len, const Map8bit& map, uint8_t* out,
                            float* absmax) {
   float am = 0.0f;
-  for (int64_t i = 0; i < len; ++i) am = detail::max_ignore_nan(am, std::fabs(s[i]));
+  for (int64_t i = 0; i < len; ++i) am = detail::max_abs_finite(am, s[i]);
   *absmax = am;
   for (int64_t i = 0; i < len; ++i) out[i] = detail::quantize_8bit(s[i], am, map.code);
 }
@@ -316,7 +327,8 @@ FOURBIT_AVX512_FN void quantize_block_avx512(const float* s, int64_t len, const 
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 k = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1u);
     const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, s + i));
-    acc = _mm512_max_ps(a, acc);  // a NaN lane keeps acc: NaN is ignored
+    // NaN and inf lanes keep acc: finite only ("Non-finite gradients" above).
+    acc = _mm512_mask_max_ps(acc, _mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_LT_OQ), a, acc);
   }
   const float am = _mm512_reduce_max_ps(acc);
   *absmax = am;
@@ -514,9 +526,14 @@ void validate(const AdamWMultiTensorParams& p) {
   FOURBIT_CHECK_ARG(p.num_tensors == 0 || p.tensors != nullptr,
                     "adamw: tensors is null but num_tensors is ", p.num_tensors);
   bool any8 = false;
+  int64_t total = 0;
   for (int64_t i = 0; i < p.num_tensors; ++i) {
     const AdamWTensor& t = p.tensors[i];
     FOURBIT_CHECK_ARG(t.numel >= 0, "adamw: tensors[", i, "].numel must be >= 0, got ", t.numel);
+    FOURBIT_CHECK_ARG(t.numel <= INT64_MAX / 4, "adamw: tensors[", i, "].numel = ", t.numel,
+                      " is too large (the bytes of its fp32 states overflow int64)");
+    FOURBIT_CHECK_ARG(!__builtin_add_overflow(total, t.numel, &total), "adamw: the total numel of "
+                      "the table overflows int64 at tensors[", i, "] (numel ", t.numel, ")");
     FOURBIT_CHECK_ARG(t.step >= 1, "adamw: tensors[", i, "].step must be >= 1, got ", t.step);
     const int d = static_cast<int>(t.dtype);
     FOURBIT_CHECK_ARG(d >= 0 && d <= 2, "adamw: tensors[", i,
@@ -564,8 +581,8 @@ void adamw_step(const AdamWMultiTensorParams& p) {
   }
   if (jobs.empty()) return;
   const bool avx512 = use_avx512();
-  const std::shared_ptr<const Map8bit> map1 = prepared_map(p.qmap1, avx512);
-  const std::shared_ptr<const Map8bit> map2 = prepared_map(p.qmap2, avx512);
+  const std::shared_ptr<const Map8bit> map1 = prepared_map(p.qmap1, avx512, "qmap1");
+  const std::shared_ptr<const Map8bit> map2 = prepared_map(p.qmap2, avx512, "qmap2");
 #pragma omp parallel for schedule(static) if (total_elements >= kParallelMinElements)
   for (int64_t c = 0; c < total_chunks; ++c) {
     // The tensor whose chunk range holds c: last job with first_chunk <= c.

@@ -5,6 +5,7 @@
 // becomes a Python ValueError, Runtime (a failed CUDA call, say) a RuntimeError.
 #pragma once
 
+#include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -52,3 +53,17 @@ std::string concat(const Parts&... parts) {
                              ::fourbit::detail::concat(__VA_ARGS__));                  \
     }                                                                                  \
   } while (0)
+
+namespace fourbit {
+
+// a * b for sizes (a, b >= 0): throws an InvalidArgument Error naming `op` and `what` (e.g.
+// "M * K") with both factors when the product does not fit int64. Every element or byte
+// count the core derives from caller-given sizes goes through this (or is bounded by one).
+inline int64_t checked_mul(int64_t a, int64_t b, const char* op, const char* what) {
+  int64_t out = 0;
+  FOURBIT_CHECK_ARG(!__builtin_mul_overflow(a, b, &out), op, ": ", what, " overflows int64 (",
+                    a, " * ", b, ")");
+  return out;
+}
+
+}  // namespace fourbit

@@ -78,9 +78,10 @@ struct DequantizeBlockwiseParams {
   DType out_dtype = DType::Float32;
 };
 
-// Number of scale blocks for `numel` elements: ceil(numel / blocksize).
+// Number of scale blocks for `numel` elements: ceil(numel / blocksize), without the
+// overflow of (numel + blocksize - 1) near INT64_MAX.
 inline int64_t num_blocks(int64_t numel, int64_t blocksize) {
-  return (numel + blocksize - 1) / blocksize;
+  return numel / blocksize + (numel % blocksize != 0 ? 1 : 0);
 }
 
 // Argument validation shared by the CPU and CUDA paths (throws InvalidArgument).

@@ -54,12 +54,18 @@ inline void check_blocksize(int64_t blocksize, const char* name = "blocksize") {
             "2048, 4096, got ", blocksize);
 }
 
-// Number of elements of `shape`, rejecting negative sizes.
-inline int64_t checked_numel(at::IntArrayRef shape) {
+// Number of elements of `shape` (named `name`), rejecting negative sizes and element or
+// byte counts (at `itemsize` bytes each) that overflow int64.
+inline int64_t checked_numel(at::IntArrayRef shape, const char* name = "shape", int64_t itemsize = 4) {
   int64_t n = 1;
   for (int64_t d : shape) {
-    CHECK_ARG(d >= 0, "shape must have non-negative sizes, got ", shape);
-    n *= d;
+    CHECK_ARG(d >= 0, name, " must have non-negative sizes, got ", shape);
+  }
+  for (int64_t d : shape) {
+    int64_t bytes = 0;
+    CHECK_ARG(!__builtin_mul_overflow(n, d, &n) && !__builtin_mul_overflow(n, itemsize, &bytes),
+              name, " ", shape, " has too many elements: their count or their bytes (", itemsize,
+              " each) overflow int64");
   }
   return n;
 }

@@ -63,7 +63,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const DeviceKernels& k, const a
 
 at::Tensor empty_dequantized(const at::Tensor& A, at::IntArrayRef shape, at::ScalarType dtype) {
   to_core_dtype(dtype, "dtype");
-  checked_numel(shape);
+  // The packed bytes must cover the shape before its output is allocated (a bad shape over a
+  // small buffer is an argument error, not a failed multi-terabyte allocation).
+  check_packed(A, checked_numel(shape), shape);
   return at::empty(shape, A.options().dtype(dtype));
 }
 

@@ -10,10 +10,14 @@
 #include <cstdio>
 #include <exception>
 #include <functional>
+#include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include "checks.h"
 #include "fourbit/error.h"
 #include "fourbit/paging.h"
 
@@ -42,6 +46,31 @@ void check_like(const at::Tensor& t, const std::string& name, const at::Tensor& 
               param.device());
   OPTIM_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
   OPTIM_CHECK(t.numel() == numel, name, " must have ", numel, " elements, got ", t.numel());
+}
+
+// The 8-bit maps must be sorted ascending (the nearest-code search relies on it). The core
+// checks a host map itself; a device map is read back here, once per tensor and version
+// (a read-back waits for the stream, too slow for every step).
+void check_sorted_map(const at::Tensor& q, const char* name) {
+  if (q.is_cpu()) return;
+  using Seen = std::pair<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>, uint32_t>;
+  static std::mutex mutex;
+  static std::vector<Seen> seen;
+  const uint32_t version = q.unsafeGetTensorImpl()->version_counter().current_version();
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const Seen& s : seen) {
+    if (s.second == version && s.first.lock().get() == q.unsafeGetTensorImpl()) return;
+  }
+  const at::Tensor lo = q.narrow(0, 0, q.numel() - 1), hi = q.narrow(0, 1, q.numel() - 1);
+  const at::Tensor bad = (hi < lo).logical_or_(hi.isnan()).logical_or_(lo.isnan());
+  if (bad.any().item<bool>()) {
+    const int64_t k = bad.nonzero().select(1, 0)[0].item<int64_t>();
+    OPTIM_CHECK(false, name, " must be sorted ascending, but ", name, "[", k, "] = ",
+                q[k].item<float>(), " > ", name, "[", k + 1, "] = ", q[k + 1].item<float>());
+  }
+  constexpr size_t kMaxSeen = 16;  // a few optimizers, two maps per device each
+  if (seen.size() >= kMaxSeen) seen.erase(seen.begin());
+  seen.emplace_back(q.getIntrusivePtr(), version);
 }
 
 }  // namespace
@@ -125,6 +154,7 @@ AdamWTable build_adamw_table(at::TensorList params, at::TensorList grads, at::Te
       OPTIM_CHECK(q.device() == params[0].device(), name, " is on ", q.device(), " but params[0] is on ",
                   params[0].device());
       OPTIM_CHECK(q.is_contiguous(), name, " must be contiguous");
+      check_sorted_map(q, name);
     }
     table.params.qmap1 = qmap1.const_data_ptr<float>();
     table.params.qmap2 = qmap2.const_data_ptr<float>();
@@ -165,13 +195,10 @@ int page_device(const c10::Device& device) {
 // Zero-filled tensor on a page-manager buffer: managed memory on a CUDA device, plain
 // host memory on the CPU. The tensor frees the buffer when its storage dies.
 at::Tensor paged_zeros(at::IntArrayRef size, at::ScalarType dtype, c10::Device device) {
-  int64_t numel = 1;
-  for (int64_t d : size) {
-    TORCH_CHECK_VALUE(d >= 0, "paged_zeros: size must be non-negative, got ", size);
-    numel *= d;
-  }
+  const int64_t itemsize = static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t numel = checked_numel(size, "paged_zeros: size", itemsize);
   const int dev = page_device(device);
-  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t bytes = numel * itemsize;
   void* ptr = nullptr;
   run_optim_core([&] { ptr = PageManager::instance().allocate(bytes, dev); });
   const c10::Device where = dev == kHostDevice ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, dev);

@@ -9,6 +9,7 @@ both directions. Byte layout and rounding rules: docs/format.md.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Optional
 
 import torch
@@ -120,11 +121,22 @@ class QuantState:
                 raise ValueError(f"there must be exactly one 'quant_state.bitsandbytes__nf4' or "
                                  f"'quant_state.bitsandbytes__fp4' tensor, found {packed_keys}")
             key = packed_keys[0]
-            qs_dict.update(_unpack_tensor_to_dict(qs_dict.pop(key), key))
+            fields = _unpack_tensor_to_dict(qs_dict.pop(key), key)
+            # The key names the codebook as well as the JSON does: they must agree.
+            suffix = key.split(".")[-1].removeprefix("bitsandbytes__")
+            if fields.get("quant_type") in _VALID_QUANT_TYPES and fields["quant_type"] != suffix:
+                raise ValueError(f"quant_state key '{key}' names quant_type {suffix!r} but its JSON says "
+                                 f"quant_type={fields['quant_type']!r}; the checkpoint is inconsistent")
+            both = sorted({k.split(".")[-1] for k in qs_dict} & set(fields))
+            if both:
+                raise ValueError(f"quant_state keys {both} are given both as entries and in '{key}'")
+            qs_dict.update(fields)
         qs_dict = {k.split(".")[-1]: v for k, v in qs_dict.items()}
         unknown = sorted(set(qs_dict) - set(cls.valid_qs_keys))
         if unknown:
             raise ValueError(f"unexpected quant_state keys {unknown}; valid keys are {cls.valid_qs_keys}")
+
+        to_real_device = device is not None and torch.device(device).type != "meta"
 
         def need(key, kind):
             if key not in qs_dict:
@@ -132,6 +144,8 @@ class QuantState:
             value = qs_dict[key]
             if kind is torch.Tensor and not isinstance(value, torch.Tensor):
                 raise ValueError(f"quant_state key '{key}' must be a tensor, got {type(value).__name__}")
+            if kind is torch.Tensor and value.is_meta and to_real_device:
+                raise ValueError(f"quant_state key '{key}' is on the meta device (it has no values)")
             if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"quant_state key '{key}' must be an int, got {value!r}")
             return value
@@ -145,7 +159,7 @@ class QuantState:
         shape = qs_dict.get("shape")
         if shape is not None:
             if not isinstance(shape, (list, tuple, torch.Size)) or not all(
-                    isinstance(d, int) and d >= 0 for d in shape):
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
                 raise ValueError(f"quant_state key 'shape' must be a list of non-negative ints, got {shape!r}")
             shape = torch.Size(shape)
         absmax = need("absmax", torch.Tensor)
@@ -155,17 +169,23 @@ class QuantState:
             nested_blocksize = need("nested_blocksize", int)
             _check_blocksize(nested_blocksize, "quant_state key 'nested_blocksize'")
             offset = need("nested_offset", None)
-            try:
-                offset = torch.tensor(float(offset), device=device)
-            except (TypeError, ValueError):
-                raise ValueError(f"quant_state key 'nested_offset' must be a number, got {offset!r}") from None
-            state2 = cls(absmax=need("nested_absmax", torch.Tensor).to(device), blocksize=nested_blocksize,
-                         code=need("nested_quant_map", torch.Tensor).to(device),
+            if isinstance(offset, torch.Tensor) and offset.numel() == 1 and offset.is_floating_point():
+                offset = offset.item()
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+                raise ValueError(f"quant_state key 'nested_offset' must be a finite number, got {offset!r}")
+            offset = torch.tensor(float(offset), device=device)
+            state2 = cls(absmax=need("nested_absmax", torch.Tensor).to(device).contiguous(),
+                         blocksize=nested_blocksize,
+                         code=need("nested_quant_map", torch.Tensor).to(device).contiguous(),
                          dtype=_parse_dtype(need("nested_dtype", str), "nested_dtype"))
         else:
+            stray = sorted(k for k in qs_dict if k.startswith("nested_"))
+            if stray:
+                raise ValueError(f"quant_state keys {stray} describe a double-quantized absmax, but key "
+                                 "'nested_absmax' is missing")
             offset, state2 = None, None
-        state = cls(quant_type=quant_type, absmax=absmax.to(device), blocksize=blocksize, code=code.to(device),
-                    dtype=dtype, shape=shape, offset=offset, state2=state2)
+        state = cls(quant_type=quant_type, absmax=absmax.to(device).contiguous(), blocksize=blocksize,
+                    code=code.to(device).contiguous(), dtype=dtype, shape=shape, offset=offset, state2=state2)
         state._validate_sizes()
         return state
 
@@ -197,22 +217,32 @@ class QuantState:
         return tensors
 
     def _validate_sizes(self):
-        """Cross-checks tensor sizes against shape/blocksize (catches truncated checkpoints)."""
-        if self.shape is None:
-            return
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        blocks = (numel + self.blocksize - 1) // self.blocksize
-        if self.absmax.numel() != blocks:
+        """Cross-checks tensor dtypes, and sizes against shape/blocksize when there is a shape
+        (catches truncated or inconsistent checkpoints)."""
+        blocks = None
+        if self.shape is not None:
+            numel = 1
+            for d in self.shape:
+                numel *= d
+            blocks = (numel + self.blocksize - 1) // self.blocksize
+        if blocks is not None and self.absmax.numel() != blocks:
             raise ValueError(f"quant_state key 'absmax' has {self.absmax.numel()} elements, but shape "
                              f"{list(self.shape)} with blocksize {self.blocksize} needs {blocks}")
         if self.code.numel() != 16:
             raise ValueError(f"quant_state key 'quant_map' must have 16 elements, got {self.code.numel()}")
+        # The kernels decode with the codebook of quant_type, not with quant_map: they must agree.
+        if self.quant_type in _VALID_QUANT_TYPES and not self.code.is_meta and not torch.equal(
+                self.code.cpu(), get_4bit_type(self.quant_type)):
+            raise ValueError(f"quant_state key 'quant_map' is not the {self.quant_type} codebook "
+                             f"(quant_type={self.quant_type!r}); the checkpoint is inconsistent")
         if self.nested:
             if self.absmax.dtype != torch.uint8:
                 raise ValueError(f"quant_state key 'absmax' must be uint8 when nested, got {self.absmax.dtype}")
-            nested_blocks = (blocks + self.state2.blocksize - 1) // self.state2.blocksize
+            if self.state2.absmax.dtype != torch.float32:
+                raise ValueError("quant_state key 'nested_absmax' must be float32, got "
+                                 f"{self.state2.absmax.dtype}")
+            nested_blocks = self.state2.absmax.numel() if blocks is None else (
+                (blocks + self.state2.blocksize - 1) // self.state2.blocksize)
             if self.state2.absmax.numel() != nested_blocks:
                 raise ValueError(f"quant_state key 'nested_absmax' has {self.state2.absmax.numel()} elements, "
                                  f"but {blocks} blocks with nested_blocksize {self.state2.blocksize} need "
@@ -220,6 +250,9 @@ class QuantState:
             if self.state2.code.numel() != 256:
                 raise ValueError("quant_state key 'nested_quant_map' must have 256 elements, got "
                                  f"{self.state2.code.numel()}")
+            if self.state2.code.dtype != torch.float32:
+                raise ValueError("quant_state key 'nested_quant_map' must be float32, got "
+                                 f"{self.state2.code.dtype}")
         elif self.absmax.dtype != torch.float32:
             raise ValueError(f"quant_state key 'absmax' must be float32, got {self.absmax.dtype}")
 
@@ -250,8 +283,8 @@ class QuantState:
 
 def _parse_dtype(name, key):
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"quant_state key '{key}' must name a torch dtype, got {name!r}")
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"quant_state key '{key}' must be 'float32', 'float16' or 'bfloat16', got {name!r}")
     return dtype
 
 
@@ -259,14 +292,35 @@ def _pack_dict_to_tensor(d: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
 
 
+# The JSON of a quant state is a few hundred bytes; anything far larger is not one.
+_MAX_QS_JSON_BYTES = 1 << 16
+
+
+class _HugeInt(str):
+    """A JSON integer too long for int() (Python's digit limit): kept as its text, so that
+    the key check that meets it names the key instead of failing inside the parser."""
+
+    def __repr__(self):
+        return f"<a {len(self)}-digit integer>"
+
+
+def _parse_json_int(text: str):
+    return int(text) if len(text) <= 20 else _HugeInt(text)
+
+
 def _unpack_tensor_to_dict(t, key) -> dict:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
         raise ValueError(f"quant_state key '{key}' must be a uint8 tensor of JSON bytes")
+    if t.numel() > _MAX_QS_JSON_BYTES:
+        raise ValueError(f"quant_state key '{key}' holds {t.numel()} bytes; a quant state's JSON is at most "
+                         f"{_MAX_QS_JSON_BYTES}")
     try:
-        d = json.loads(bytes(t.cpu().flatten().tolist()).decode("utf-8"))
+        d = json.loads(bytes(t.cpu().flatten().tolist()).decode("utf-8"), parse_int=_parse_json_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"quant_state key '{key}' does not hold valid JSON ({e}); the checkpoint "
                          "may be truncated") from None
+    except RecursionError:
+        raise ValueError(f"quant_state key '{key}' holds JSON nested too deeply to be a quant state") from None
     if not isinstance(d, dict):
         raise ValueError(f"quant_state key '{key}' must hold a JSON object, got {type(d).__name__}")
     return d
@@ -290,6 +344,8 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None, abs
                            dtype=A.dtype, offset=offset, state2=state2)
     else:
         state = QuantState(absmax=_absmax, code=code.to(A.device, copy=True), blocksize=blocksize, dtype=A.dtype)
+    _check_out(out, q, "out")
+    _check_out(absmax, state.absmax, "absmax")
     out = out.copy_(q) if out is not None else q
     if absmax is not None:
         state.absmax = absmax.copy_(state.absmax)
@@ -344,10 +400,24 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None, out: O
     else:
         state = QuantState(absmax=_absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
                            quant_type=quant_type)
+    _check_out(out, packed, "out")
+    _check_out(absmax, state.absmax, "absmax")
     out = out.copy_(packed) if out is not None else packed
     if absmax is not None:
         state.absmax = absmax.copy_(state.absmax)
     return out, state
+
+
+def _check_out(out: Optional[torch.Tensor], result: torch.Tensor, name: str) -> None:
+    """An ``out=`` buffer receives ``result`` as it is: same dtype, shape and device (a float
+    ``out`` for packed codes would hold the codes as numbers)."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(out).__name__}")
+    if out.dtype != result.dtype or out.shape != result.shape or out.device != result.device:
+        raise ValueError(f"{name} must be a {result.dtype} tensor of shape {list(result.shape)} on "
+                         f"{result.device}, got {out.dtype} {list(out.shape)} on {out.device}")
 
 
 def quantize_nf4(A, absmax=None, out=None, blocksize=None, compress_statistics=False, quant_storage=torch.uint8):
@@ -372,6 +442,8 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None, a
     _check_blocksize(qs.blocksize, "quant_state.blocksize")
     _check_quant_type(qs.quant_type)
     _check_float_dtype(qs.dtype, "quant_state.dtype")
+    if not isinstance(qs.shape, (list, tuple, torch.Size)):
+        raise ValueError(f"quant_state.shape must be the shape of the quantized tensor, got {qs.shape!r}")
     shape = list(qs.shape)
     if qs.nested and qs.state2.dtype == torch.float32:
         args = (A, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.blocksize, qs.state2.blocksize,

@@ -18,6 +18,14 @@
 
 namespace fourbit_test {
 
+// A never-dereferenced pointer for validate()-only tests of huge sizes: slot i lies 2^44
+// bytes past slot i - 1, so the ranges of distinct slots never overlap.
+template <typename T>
+T* far_pointer(int slot) {
+  return reinterpret_cast<T*>(uintptr_t{static_cast<uintptr_t>(slot)} << 44);
+}
+
+
 using fourbit::DType;
 
 constexpr DType kAllDTypes[] = {DType::Float32, DType::Float16, DType::BFloat16};

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "fourbit/codebook.h"
@@ -498,3 +499,71 @@ TEST(Paging, DeviceBuffersNeedCuda) {
 }
 
 }  // namespace
+
+namespace {
+
+// An fp32 single-tensor 8-bit step over the given buffers, with bitsandbytes' maps.
+fourbit::AdamW8bitParams eight_bit_params(float* param, const float* grad, uint8_t* s1, uint8_t* s2, float* a1,
+                                          float* a2, int64_t numel) {
+  fourbit::AdamW8bitParams p;
+  p.param = param;
+  p.grad = grad;
+  p.state1 = s1;
+  p.state2 = s2;
+  p.absmax1 = a1;
+  p.absmax2 = a2;
+  p.qmap1 = signed_map().data();
+  p.qmap2 = unsigned_map().data();
+  p.numel = numel;
+  return p;
+}
+
+}  // namespace
+
+// The 8-bit maps must be sorted: the nearest-code search relies on it. A descending map (or
+// one with a NaN) is an argument error before anything is written.
+TEST(AdamW, RejectsUnsortedMaps) {
+  std::vector<uint8_t> codes(512, 7);
+  std::vector<float> param(256, 1.0f), grad(256, 0.5f), absmax(4, 1.0f);
+  Code descending = signed_map();
+  std::reverse(descending.begin(), descending.end());
+  Code with_nan = unsigned_map();
+  with_nan[100] = std::nanf("");
+  using Case = std::tuple<const Code*, const Code*, std::string>;
+  for (const auto& [bad1, bad2, name] : {Case{&descending, &unsigned_map(), "qmap1"},
+                                        Case{&signed_map(), &with_nan, "qmap2"}}) {
+    fourbit::AdamW8bitParams p = eight_bit_params(param.data(), grad.data(), codes.data(), codes.data() + 256,
+                                                  absmax.data(), absmax.data() + 1, 256);
+    p.qmap1 = bad1->data();
+    p.qmap2 = bad2->data();
+    EXPECT_TRUE(throws_invalid([&] { fourbit::adamw_step_8bit(p); },
+                               {name + " must be sorted ascending"}));
+    EXPECT_EQ(param, std::vector<float>(256, 1.0f));
+    EXPECT_EQ(codes, std::vector<uint8_t>(512, 7));
+  }
+}
+
+// A non-finite gradient element stays confined to its own parameter with 8-bit states, as
+// with torch.optim.AdamW: each block's absmax is taken over its finite moments only.
+TEST(AdamW, EightBitNonFiniteGradientStaysInItsElement) {
+  for (float bad : {INFINITY, -INFINITY, std::nanf("")}) {
+    const int64_t n = 512;
+    std::vector<float> param = normal_data(n, 5), grad(n);
+    std::vector<uint8_t> s1(n), s2(n);
+    std::vector<float> a1(2), a2(2);
+    fourbit::AdamW8bitParams p = eight_bit_params(param.data(), grad.data(), s1.data(), s2.data(), a1.data(),
+                                                  a2.data(), n);
+    for (int step = 1; step <= 3; ++step) {
+      const std::vector<float> fresh = normal_data(n, 10 + step);
+      std::copy(fresh.begin(), fresh.end(), grad.begin());  // p.grad keeps pointing at grad
+      if (step == 1) grad[5] = bad;
+      p.step = step;
+      fourbit::adamw_step_8bit(p);
+    }
+    EXPECT_FALSE(std::isfinite(param[5])) << bad;
+    for (int64_t i = 0; i < n; ++i) {
+      if (i != 5) ASSERT_TRUE(std::isfinite(param[i])) << "bad " << bad << " spread to " << i;
+    }
+    for (float a : {a1[0], a1[1], a2[0], a2[1]}) EXPECT_TRUE(std::isfinite(a)) << bad;
+  }
+}

@@ -493,19 +493,18 @@ TEST(Quantize4bit, Int64Sizes) {
   EXPECT_EQ(fourbit::num_blocks(int64_t{1} << 40, 32), int64_t{1} << 35);
   EXPECT_EQ(fourbit::num_blocks((int64_t{1} << 40) + 1, 4096), (int64_t{1} << 28) + 1);
 
-  float dummy_f = 0.0f;
-  uint8_t dummy_b = 0;
+  using fourbit_test::far_pointer;
   fourbit::Quantize4bitParams q;
-  q.input = &dummy_f;
+  q.input = far_pointer<float>(1);
   q.numel = big;
-  q.packed = &dummy_b;
-  q.absmax = &dummy_f;
+  q.packed = far_pointer<uint8_t>(2);
+  q.absmax = far_pointer<float>(3);
   EXPECT_NO_THROW(fourbit::validate(q));
   fourbit::Dequantize4bitParams d;
-  d.packed = &dummy_b;
-  d.scales.absmax = &dummy_f;
+  d.packed = far_pointer<uint8_t>(1);
+  d.scales.absmax = far_pointer<float>(2);
   d.numel = big;
-  d.out = &dummy_f;
+  d.out = far_pointer<float>(3);
   EXPECT_NO_THROW(fourbit::validate(d));
 }
 

@@ -332,21 +332,20 @@ TEST(DequantizeBlockwise, RejectsBadArguments) {
 TEST(QuantizeBlockwise, Int64Sizes) {
   const int64_t big = 3'000'000'000;
   EXPECT_EQ(fourbit::num_blocks(big, 256), 11'718'750);
-  float dummy_f = 0.0f;
-  uint8_t dummy_b = 0;
+  using fourbit_test::far_pointer;
   fourbit::QuantizeBlockwiseParams q;
-  q.input = &dummy_f;
+  q.input = far_pointer<float>(1);
   q.numel = big;
-  q.code = &dummy_f;
-  q.out = &dummy_b;
-  q.absmax = &dummy_f;
+  q.code = far_pointer<float>(2);
+  q.out = far_pointer<uint8_t>(3);
+  q.absmax = far_pointer<float>(4);
   EXPECT_NO_THROW(fourbit::validate(q));
   fourbit::DequantizeBlockwiseParams d;
-  d.input = &dummy_b;
-  d.code = &dummy_f;
-  d.absmax = &dummy_f;
+  d.input = far_pointer<uint8_t>(1);
+  d.code = far_pointer<float>(2);
+  d.absmax = far_pointer<float>(3);
   d.numel = big;
-  d.out = &dummy_f;
+  d.out = far_pointer<float>(4);
   EXPECT_NO_THROW(fourbit::validate(d));
 }
 

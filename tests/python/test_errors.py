@@ -373,19 +373,19 @@ FROM_DICT_CASES = {
     "json-quant_type-nf5": (lambda: packed_dict(edit_json=edited(quant_type="nf5")),
                             r"quant_state key 'quant_type' must be 'nf4' or 'fp4', got 'nf5'"),
     "json-dtype-unknown": (lambda: packed_dict(edit_json=edited(dtype="float99")),
-                           r"quant_state key 'dtype' must name a torch dtype, got 'float99'"),
+                           r"quant_state key 'dtype' must be 'float32', 'float16' or 'bfloat16', got 'float99'"),
     "json-dtype-not-a-dtype": (lambda: packed_dict(edit_json=edited(dtype="randn")),
-                               r"quant_state key 'dtype' must name a torch dtype, got 'randn'"),
+                               r"quant_state key 'dtype' must be 'float32', 'float16' or 'bfloat16', got 'randn'"),
     "json-nested_dtype-unknown": (
         lambda: packed_dict(nested=True, edit_json=edited(nested_dtype="int99")),
-        r"quant_state key 'nested_dtype' must name a torch dtype, got 'int99'"),
+        r"quant_state key 'nested_dtype' must be 'float32', 'float16' or 'bfloat16', got 'int99'"),
     "json-shape-negative": (lambda: packed_dict(edit_json=edited(shape=[-1])),
                             r"quant_state key 'shape' must be a list of non-negative ints, got \[-1\]"),
     "json-shape-string": (lambda: packed_dict(edit_json=edited(shape="128")),
                           r"quant_state key 'shape' must be a list of non-negative ints, got '128'"),
     "json-nested_offset-string": (
         lambda: packed_dict(nested=True, edit_json=edited(nested_offset="abc")),
-        r"quant_state key 'nested_offset' must be a number, got 'abc'"),
+        r"quant_state key 'nested_offset' must be a finite number, got 'abc'"),
     "json-nested-missing-offset": (
         lambda: packed_dict(nested=True, edit_json=edited(nested_offset=...)),
         r"quant_state is missing key 'nested_offset'"),

@@ -74,6 +74,14 @@ FOURBIT_HD float fma_rn(float a, float b, float c) { return std::fma(a, b, c); }
 // max(m, a) for the absmax reductions: a NaN `a` never compares greater and is ignored.
 FOURBIT_HD float max_ignore_nan(float m, float a) { return a > m ? a : m; }
 
+// max(m, |a|) over finite values only: NaN and +-inf are left out. The 8-bit optimizer's
+// block absmax ("Non-finite gradients" in src/optim_adamw.cpp): a non-finite moment stays
+// confined to its own element instead of turning its whole block's scale into inf.
+FOURBIT_HD float max_abs_finite(float m, float a) {
+  const float x = abs_f(a);
+  return (x > m && x <= 3.40282347e+38f) ? x : m;
+}
+
 // max with NaN propagation (torch.max semantics): a NaN on either side wins.
 FOURBIT_HD float max_propagate_nan(float m, float a) { return (is_nan(a) || a > m) ? a : m; }
 

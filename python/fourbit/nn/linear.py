@@ -191,7 +191,9 @@ class Linear4bit(nn.Linear):
                     f"without '{wkey}.quant_state.bitsandbytes__*' and the other '{wkey}.*' entries; load float "
                     "weights before quantizing (.to(device) / .quantize())")
                 return
-            error = self._check_plain(state_dict, wkey, weight) or self._check_bias(state_dict, prefix)
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            error = (self._check_plain(state_dict, wkey, weight, assign)
+                     or self._check_bias(state_dict, prefix, assign))
             if error:
                 error_msgs.append(error)
                 return
@@ -204,7 +206,7 @@ class Linear4bit(nn.Linear):
         except ValueError as e:
             error_msgs.append(str(e))
             return
-        error = self._check_bias(state_dict, prefix)
+        error = self._check_bias(state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
         if error:
             error_msgs.append(error)
             return
@@ -229,6 +231,7 @@ class Linear4bit(nn.Linear):
                              "checkpoint is truncated or not a 4-bit one")
         if not isinstance(data, torch.Tensor):
             raise ValueError(f"{wkey}: must be a tensor of packed 4-bit codes, got {type(data).__name__}")
+        _check_quant_storage(data.dtype, f"{wkey}'s dtype (the quant_storage)")
         absmax = qs_entries.get("absmax")
         nested = [k for k in ("nested_absmax", "nested_quant_map") if k in qs_entries]
         if nested or (isinstance(absmax, torch.Tensor) and absmax.dtype == torch.uint8):
@@ -255,18 +258,20 @@ class Linear4bit(nn.Linear):
             _check_packed_data(data, quant_state, wkey)
         except ValueError as e:
             raise ValueError(f"{wkey}: {e}") from None
+        if data.is_meta and device.type != "meta":
+            raise ValueError(f"{wkey}: is on the meta device (it has no values to load)")
         return Params4bit(data.detach().to(device, copy=True), requires_grad=old.requires_grad,
                           quant_state=quant_state, blocksize=quant_state.blocksize,
                           compress_statistics=quant_state.nested, quant_type=quant_state.quant_type,
                           quant_storage=data.dtype, bnb_quantized=True)
 
-    def _check_bias(self, state_dict, prefix) -> Optional[str]:
+    def _check_bias(self, state_dict, prefix, assign: bool) -> Optional[str]:
         if self.bias is None:
             return None  # a 'bias' entry is reported as an unexpected key by the base class under strict
-        return self._check_plain(state_dict, prefix + "bias", self.bias)
+        return self._check_plain(state_dict, prefix + "bias", self.bias, assign)
 
     @staticmethod
-    def _check_plain(state_dict, key, param) -> Optional[str]:
+    def _check_plain(state_dict, key, param, assign: bool = False) -> Optional[str]:
         """The base class's checks for one entry, done up front so that nothing is half-loaded."""
         if key not in state_dict:
             return None
@@ -276,7 +281,27 @@ class Linear4bit(nn.Linear):
         if value.shape != param.shape:
             name = key.rsplit(".", 1)[-1]
             return f"{key}: has shape {list(value.shape)}, but this module's {name} is {list(param.shape)}"
+        if value.is_meta and not param.is_meta and not assign:
+            return f"{key}: is on the meta device (it has no values to copy); load real values or use assign=True"
         return None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, all or nothing: if it raises (a bad entry, or a missing or
+        unexpected key under ``strict=True``), the weight (packed bytes and QuantState) and the
+        bias are exactly what they were before the call. (Inside a larger model, torch's own
+        ``load_state_dict`` drives ``_load_from_state_dict``, which checks every entry of this
+        layer before changing it; missing keys elsewhere are torch's to report.)"""
+        saved = [(module, name, param, param.detach().clone()) for module in self.modules()
+                 for name, param in module._parameters.items() if param is not None]
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            with torch.no_grad():
+                for module, name, param, data in saved:
+                    module._parameters[name] = param
+                    param.copy_(data)
+            self._gemm_cache = None
+            raise
 
     def extra_repr(self) -> str:
         qs = self.quant_state

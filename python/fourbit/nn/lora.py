@@ -171,14 +171,20 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     if unexpected or missing:
         raise ValueError(f"adapter state_dict does not match the model's adapters: missing keys {missing}, "
                          f"unexpected keys {unexpected}")
+    staged = {}
     for key, param in expected.items():
         value = state_dict[key]
         if not isinstance(value, torch.Tensor) or value.shape != param.shape:
             got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{key}: expected shape {list(param.shape)}, got {got}")
+        if not (value.is_floating_point() and value.device.type != "meta"):
+            raise ValueError(f"{key}: must be a floating-point tensor with values, got {value.dtype} on "
+                             f"{value.device}")
+        # Every value is converted before any adapter changes, so a failure leaves them all as they were.
+        staged[param] = value.detach().to(param.device, param.dtype, copy=True)
     with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(state_dict[key])
+        for param, value in staged.items():
+            param.copy_(value)
 
 
 def merge_and_unload(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -210,6 +210,9 @@ def _check_packed_data(data, quant_state: F.QuantState, name: str) -> None:
     """``data`` must hold exactly the packed bytes that ``quant_state`` describes."""
     if not isinstance(data, torch.Tensor):
         raise ValueError(f"'{name}' must be a tensor of packed 4-bit codes, got {type(data).__name__}")
+    if not isinstance(quant_state.shape, (list, tuple, torch.Size)):
+        raise ValueError(f"'{name}': its quant_state has no shape (got {quant_state.shape!r}); the packed "
+                         "bytes cannot be checked or used without it")
     numel = 1
     for d in quant_state.shape:
         numel *= d

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from itertools import chain
 
 import torch
@@ -225,66 +226,109 @@ class _AdamWBase(torch.optim.Optimizer):
         States are copied into freshly allocated buffers on each parameter's device (paged
         when this optimizer is), so a dict saved on the CPU loads onto the GPU and back; the
         dtypes of the states are kept (8-bit stays 8-bit, even for a 32-bit optimizer).
+        Everything is checked before anything changes (each state's dtype, shape, absmax and
+        maps, each group's hyper-parameters): a bad dict raises ValueError naming the entry and
+        leaves the optimizer exactly as it was.
         """
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for key, kind in (("state", Mapping), ("param_groups", (list, tuple))):
+            if not isinstance(state_dict.get(key), kind):
+                raise ValueError(f"state_dict[{key!r}] must be a {'dict' if kind is Mapping else 'list'}, got "
+                                 f"{type(state_dict.get(key)).__name__}")
         groups = self.param_groups
         saved_groups = state_dict["param_groups"]
         if len(groups) != len(saved_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
                              f"the optimizer has {len(groups)}")
         for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if not isinstance(sg, Mapping) or not isinstance(sg.get("params"), (list, tuple)):
+                raise ValueError(f"param_groups[{i}] must be a dict with a 'params' list, got {sg!r:.200}")
+            if not all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in sg["params"]):
+                raise ValueError(f"param_groups[{i}]['params'] must hold parameter ids (ints), got {sg['params']!r:.200}")
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(f"loaded state dict's parameter group {i} has {len(sg['params'])} "
                                  f"parameters, the optimizer's has {len(g['params'])}")
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in groups)))
+        new_groups = []
+        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            ng = {k: v for k, v in sg.items() if k != "params"}
+            ng["params"] = g["params"]
+            for key in ("lr", "eps", "weight_decay"):
+                if key not in ng:
+                    raise ValueError(f"param_groups[{i}] lacks {key!r}")
+            try:
+                ng["betas"] = _parse_betas(ng.get("betas", g["betas"]))
+                _check_hyper(ng["lr"], ng["betas"], ng["eps"], ng["weight_decay"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"param_groups[{i}]: {e}") from None
+            new_groups.append(ng)
         new_state = defaultdict(dict)
         for key, saved in state_dict["state"].items():
             if key not in id_map:
                 continue
+            if not isinstance(saved, Mapping):
+                raise ValueError(f"state of parameter {key} must be a dict, got {type(saved).__name__}")
             p = id_map[key]
             new_state[p] = self._load_param_state(p, key, dict(saved))
-        new_groups = []
-        for g, sg in zip(groups, saved_groups):
-            ng = {k: v for k, v in sg.items() if k != "params"}
-            ng["params"] = g["params"]
-            ng["betas"] = _parse_betas(ng.get("betas", g["betas"]))
-            _check_hyper(ng["lr"], ng["betas"], ng["eps"], ng["weight_decay"])
-            new_groups.append(ng)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
 
     def _load_param_state(self, p, key, saved):
         if _WRAP_KEY in saved:
-            saved.update(saved.pop(_WRAP_KEY))
-        if "exp_avg" in saved:  # torch.optim.AdamW
+            inner = saved.pop(_WRAP_KEY)
+            if not isinstance(inner, Mapping):
+                raise ValueError(f"{_WRAP_KEY} of parameter {key} must be a dict, got {type(inner).__name__}")
+            saved.update(inner)
+        if "exp_avg" in saved or "exp_avg_sq" in saved:  # torch.optim.AdamW
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k not in saved:
+                    raise ValueError(f"state of parameter {key} lacks {k!r}")
             saved["state1"] = saved.pop("exp_avg")
             saved["state2"] = saved.pop("exp_avg_sq")
         for k in ("step", "state1", "state2"):
             if k not in saved:
                 raise ValueError(f"state of parameter {key} lacks {k!r}")
-        step = saved["step"]
-        step = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
-        out = {"step": step}
+        out = {"step": _parse_step(saved["step"], key)}
         s1, s2 = saved["state1"], saved["state2"]
         for name, t in (("state1", s1), ("state2", s2)):
-            if t.numel() != p.numel():
-                raise ValueError(f"{name} of parameter {key} has {t.numel()} elements but the parameter "
-                                 f"has {p.numel()}")
-            if t.dtype not in (torch.float32, torch.uint8) and not t.is_floating_point():
-                raise ValueError(f"{name} of parameter {key} has dtype {t.dtype}; expected float32 or uint8")
+            if not isinstance(t, torch.Tensor) or t.is_meta:
+                raise ValueError(f"{name} of parameter {key} must be a tensor with values, got "
+                                 f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.shape != p.shape:
+                raise ValueError(f"{name} of parameter {key} has shape {list(t.shape)} but the parameter "
+                                 f"has {list(p.shape)}")
+            if t.dtype != torch.uint8 and not t.is_floating_point():
+                raise ValueError(f"{name} of parameter {key} has dtype {t.dtype}; expected float32 (32-bit "
+                                 "states) or uint8 (8-bit states)")
+        if (s1.dtype == torch.uint8) != (s2.dtype == torch.uint8):
+            raise ValueError(f"state2 of parameter {key} has dtype {s2.dtype} but state1 has {s1.dtype}: both "
+                             "must be uint8 (8-bit states) or both float (32-bit states)")
         if s1.dtype == torch.uint8:
             blocks = (p.numel() + BLOCKSIZE - 1) // BLOCKSIZE
             qmap1, qmap2 = self._qmap(p.device)
             for name, ref in (("qmap1", qmap1), ("qmap2", qmap2)):
-                if name in saved and not torch.equal(saved[name].to(ref.device, torch.float32), ref):
+                q = saved.get(name)
+                if q is None:
+                    continue
+                if (not isinstance(q, torch.Tensor) or q.is_meta or q.numel() != ref.numel()
+                        or not torch.equal(q.to(ref.device, torch.float32), ref)):
                     raise ValueError(f"{name} of parameter {key} is not bitsandbytes' "
                                      f"{'signed' if name == 'qmap1' else 'unsigned'} dynamic map")
             for name in ("absmax1", "absmax2"):
-                if name not in saved:
+                a = saved.get(name)
+                if a is None:
                     raise ValueError(f"8-bit state of parameter {key} lacks {name!r}")
-                if saved[name].numel() != blocks:
-                    raise ValueError(f"{name} of parameter {key} has {saved[name].numel()} elements, "
+                if not isinstance(a, torch.Tensor) or a.is_meta or not a.is_floating_point():
+                    raise ValueError(f"{name} of parameter {key} must be a float tensor with values, got "
+                                     f"{a.dtype if isinstance(a, torch.Tensor) else type(a).__name__}")
+                if a.numel() != blocks:
+                    raise ValueError(f"{name} of parameter {key} has {a.numel()} elements, "
                                      f"expected {blocks} (one per {BLOCKSIZE})")
-                out[name] = saved[name].detach().to(p.device, torch.float32).reshape(blocks).clone()
+                a = a.detach().to(p.device, torch.float32).reshape(blocks).clone()
+                if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+                    raise ValueError(f"{name} of parameter {key} must hold finite values >= 0 (block scales)")
+                out[name] = a
             out["qmap1"], out["qmap2"] = qmap1, qmap2
             dtype = torch.uint8
         else:
@@ -294,6 +338,19 @@ class _AdamWBase(torch.optim.Optimizer):
             buf.copy_(t.detach().reshape(p.shape).to(dtype))
             out[name] = buf
         return out
+
+
+def _parse_step(step, key) -> int:
+    """A state's step count: a non-negative int, or a one-element tensor holding one (torch's
+    AdamW saves a float tensor)."""
+    value = step
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+        raise ValueError(f"step of parameter {key} must be a non-negative integer below 2**62, got {step!r:.100}")
+    return value
 
 
 class AdamW(_AdamWBase):
