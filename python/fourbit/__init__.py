@@ -28,3 +28,12 @@ from .nn import replace_linear  # noqa: E402  (nn.Linear -> Linear4bit, streamin
 from .training import prepare_model_for_kbit_training  # noqa: E402  (PEFT's function of that name)
 
 __all__ += ["nn", "replace_linear", "prepare_model_for_kbit_training"]
+
+
+def __getattr__(name):
+    # fourbit.FourbitConfig needs transformers: imported (and registered with it) on first use.
+    if name == "FourbitConfig":
+        from .integrations.hf_quantizer import FourbitConfig
+
+        return FourbitConfig
+    raise AttributeError(f"module 'fourbit' has no attribute {name!r}")
