@@ -54,6 +54,13 @@ from ..nn.linear import Linear4bit
 from ..nn.params import Params4bit
 from .transformers import QuantOptions, parse_quantization_config
 
+try:  # PEFT on a fourbit-loaded model must pick fourbit's LoRA layer: install its dispatch with the quantizer
+    import peft  # noqa: F401
+except ImportError:
+    pass
+else:
+    from . import peft as _peft_dispatch  # noqa: F401
+
 __all__ = ["FourbitConfig", "FourbitHfQuantizer", "QUANT_METHOD"]
 
 QUANT_METHOD = "fourbit"
