@@ -6,8 +6,9 @@ from . import _fake  # noqa: F401  (fake kernels for torch.compile)
 from . import paging
 from .adamw import (AdamW, AdamW8bit, AdamW32bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit,
                     PAGED_MIN_NUMEL)
+from .manager import GlobalOptimManager
 from .adam import Adam, Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit
 
 __all__ = ["AdamW", "AdamW8bit", "AdamW32bit", "PagedAdamW", "PagedAdamW32bit", "PagedAdamW8bit",
            "paging", "PAGED_MIN_NUMEL", "Adam", "Adam8bit", "Adam32bit", "PagedAdam", "PagedAdam8bit",
-           "PagedAdam32bit"]
+           "PagedAdam32bit", "GlobalOptimManager"]

@@ -30,6 +30,7 @@ import torch
 
 from .. import functional as F
 from . import paging
+from .manager import GlobalOptimManager
 
 BLOCKSIZE = 256
 # bitsandbytes pages only states of tensors with >= 1e5 elements: smaller ones gain nothing
@@ -122,7 +123,9 @@ class _AdamWBase(torch.optim.Optimizer):
         return self._qmaps[device]
 
     def _uses_8bit(self, p):
-        return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
+        overrides = GlobalOptimManager.get_instance().config_for(self, p)  # manager.py
+        return (overrides.get("optim_bits", self.optim_bits) == 8
+                and p.numel() >= overrides.get("min_8bit_size", self.min_8bit_size))
 
     def _buffer(self, p, dtype, shape=None):
         shape = p.shape if shape is None else shape
