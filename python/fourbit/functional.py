@@ -137,10 +137,10 @@ class QuantState:
                 raise ValueError(f"quant_state key '{key}' must be an int, got {value!r}")
             return value
 
-        quant_type = need("quant_type", None)  # None: an 8-bit blockwise state (bitsandbytes' from_dict takes it)
-        if quant_type is not None and quant_type not in _VALID_QUANT_TYPES:
-            raise ValueError(f"quant_state key 'quant_type' must be 'nf4' or 'fp4' (or None for an 8-bit blockwise "
-                             f"state), got {quant_type!r}")
+        quant_type = need("quant_type", None)  # None: an unpacked 8-bit blockwise state, as bitsandbytes reads
+        if quant_type not in _VALID_QUANT_TYPES and (quant_type is not None or packed_keys):
+            raise ValueError(f"quant_state key 'quant_type' must be 'nf4' or 'fp4', got {quant_type!r} (None only in "
+                             "an unpacked 8-bit blockwise state)")
         blocksize = need("blocksize", int)
         _check_blocksize(blocksize, "quant_state key 'blocksize'")
         dtype = _parse_dtype(need("dtype", str), "dtype")

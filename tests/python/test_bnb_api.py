@@ -81,9 +81,14 @@ def test_8bit_blockwise_quant_state_from_dict_both_ways(nested):
     back = bnbf.QuantState.from_dict(ours.as_dict(), device="cpu")
     torch.testing.assert_close(bnbf.dequantize_blockwise(oq, back), F.dequantize_blockwise(oq, ours))
     bad = dict(theirs.as_dict(), quant_type="int8")
-    with pytest.raises(ValueError, match=r"quant_state key 'quant_type' must be 'nf4' or 'fp4' \(or None for an "
-                                         r"8-bit blockwise state\), got 'int8'"):
+    with pytest.raises(ValueError, match=r"quant_state key 'quant_type' must be 'nf4' or 'fp4', got 'int8' \(None "
+                                         r"only in an unpacked 8-bit blockwise state\)"):
         F.QuantState.from_dict(bad, device="cpu")
+    packed = F.quantize_4bit(x, quant_type="nf4")[1].as_dict(packed=True)
+    packed["quant_state.bitsandbytes__nf4"] = fourbit.utils.pack_dict_to_tensor(
+        dict(fourbit.utils.unpack_tensor_to_dict(packed["quant_state.bitsandbytes__nf4"]), quant_type=None))
+    with pytest.raises(ValueError, match=r"quant_state key 'quant_type' must be 'nf4' or 'fp4', got None"):
+        F.QuantState.from_dict(packed, device="cpu")
     shaped = dict(theirs.as_dict(), shape=[1000], quant_map=torch.zeros(16))
     with pytest.raises(ValueError, match=r"quant_state key 'quant_map' must have 256 elements, got 16"):
         F.QuantState.from_dict(shaped, device="cpu")

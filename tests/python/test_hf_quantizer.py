@@ -137,15 +137,21 @@ def test_saved_checkpoint_loads_in_transformers_bitsandbytes(tmp_path, float_dir
         same_state(back, model)
 
 
-def test_bitsandbytes_checkpoint_through_the_quantizer_is_byte_equal():
+def test_bitsandbytes_checkpoint_through_the_quantizer_is_byte_equal(tmp_path):
     from safetensors.torch import load_file
 
     model = fbt.from_pretrained(FIXTURE, device_map="cpu", attn_implementation="sdpa")
     assert model.hf_quantizer.pre_quantized and model.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16
     state = model.state_dict()
-    for key, value in load_file(os.path.join(FIXTURE, "model.safetensors")).items():
+    raw = load_file(os.path.join(FIXTURE, "model.safetensors"))
+    for key, value in raw.items():
         assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
     same_state(model, fbt.from_pretrained(FIXTURE))
+    # transformers' own save_pretrained writes the same bytes again (and bitsandbytes' config)
+    model.save_pretrained(tmp_path)
+    again = load_file(tmp_path / "model.safetensors")
+    assert sorted(again) == sorted(raw) and all(torch.equal(again[k], raw[k]) for k in raw)
+    assert json.load(open(tmp_path / "config.json"))["quantization_config"]["quant_method"] == "bitsandbytes"
 
 
 def test_bad_config_values_name_the_option():
