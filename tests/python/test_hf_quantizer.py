@@ -25,10 +25,10 @@ from fourbit.integrations.hf_quantizer import FourbitConfig, FourbitHfQuantizer 
 from fourbit.integrations.trainer import optimizer_cls_and_kwargs  # noqa: E402
 
 from _helpers import import_bnb  # noqa: E402
+from test_transformers import cos, logits  # noqa: E402  (the same tiny-Llama probes)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "bnb_llama_nf4")
 QLORA = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
-IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +44,6 @@ def float_dir(tmp_path_factory):
 
 def load(path, **kwargs):
     return transformers.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **kwargs)
-
-
-def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def cos(a, b):
-    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
 def same_state(a, b):
@@ -258,6 +249,22 @@ def test_optimizer_kwargs_follow_training_arguments(tmp_path, optim, bits, paged
     assert opt.optim_bits == bits and opt.is_paged == paged and opt.min_8bit_size == 16
     _, overridden = optimizer_cls_and_kwargs(training_args(tmp_path, optim=optim, optim_args="beta1=0.5,eps=1e-5"))
     assert overridden["betas"][0] == 0.5 and overridden["eps"] == 1e-5
+
+
+def test_optimizer_helper_keeps_embeddings_32bit_like_the_trainer_does_for_bitsandbytes(tmp_path):
+    manager = fourbit.optim.GlobalOptimManager.get_instance()
+    manager.initialize()
+    try:
+        model = nn.Sequential(nn.Embedding(128, 64), nn.Linear(64, 128))
+        cls, kwargs = optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_8bit"), model)
+        opt = cls(model.parameters(), **kwargs)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert opt.state[model[0].weight]["state1"].dtype == torch.float32
+        assert opt.state[model[1].weight]["state1"].dtype == torch.uint8
+    finally:
+        manager.initialize()
 
 
 def test_optimizer_helper_errors_name_the_argument(tmp_path):

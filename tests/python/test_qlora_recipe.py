@@ -28,20 +28,10 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from _helpers import char_tokenizer  # noqa: E402
+
 SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "we like green tea, not coffee.",
              "birds sing at dawn."]
-
-
-def char_tokenizer():
-    """A character-level fast tokenizer built in memory (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    chars = list("abcdefghijklmnopqrstuvwxyz .,")
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
 
 
 def save_base(path, tokenizer):

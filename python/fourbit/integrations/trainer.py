@@ -18,9 +18,11 @@ usual) and saves and restores the optimizer's ``state_dict`` in its checkpoints,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from ..optim import AdamW
+from torch import nn
+
+from ..optim import AdamW, GlobalOptimManager
 
 __all__ = ["optimizer_cls_and_kwargs", "OPTIMIZERS"]
 
@@ -57,12 +59,16 @@ def _parse_optim_args(text) -> dict[str, Any]:
     return parsed
 
 
-def optimizer_cls_and_kwargs(args) -> tuple[type, dict[str, Any]]:
+def optimizer_cls_and_kwargs(args, model: Optional[nn.Module] = None) -> tuple[type, dict[str, Any]]:
     """``(fourbit.optim.AdamW, kwargs)`` for a ``TrainingArguments`` / ``SFTConfig``: the
     ``optim`` name (table ``OPTIMIZERS``) sets 8- or 32-bit and paged states;
     ``learning_rate``, ``weight_decay``, ``adam_beta1``, ``adam_beta2`` and ``adam_epsilon``
     are honoured, and ``optim_args`` may set ``min_8bit_size``, ``eps``, ``beta1`` and
     ``beta2``. Pass the result as the Trainer's ``optimizer_cls_and_kwargs``.
+
+    With ``model``, every ``nn.Embedding`` weight of it keeps 32-bit states under an 8-bit
+    ``optim`` (registered with ``fourbit.optim.GlobalOptimManager``), which is what the Trainer
+    does for bitsandbytes' 8-bit optimizers.
 
     Raises ValueError naming an ``optim`` fourbit has no optimizer for, or a bad
     ``optim_args`` entry.
@@ -83,4 +89,9 @@ def optimizer_cls_and_kwargs(args) -> tuple[type, dict[str, Any]]:
         "is_paged": is_paged,
         **extra,
     }
+    if model is not None and optim_bits == 8:
+        manager = GlobalOptimManager.get_instance()
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
     return AdamW, kwargs
