@@ -145,6 +145,33 @@ def test_bitsandbytes_checkpoint_through_the_quantizer_is_byte_equal(tmp_path):
     assert json.load(open(tmp_path / "config.json"))["quantization_config"]["quant_method"] == "bitsandbytes"
 
 
+def test_a_missing_4bit_weight_is_initialized_and_quantized_like_transformers_does(tmp_path, float_dir, caplog):
+    """transformers initializes a weight the checkpoint lacks (and reports it MISSING); the
+    quantizer then quantizes it like the others, so the model is whole and 4-bit."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(float_dir, tmp_path / "ckpt")
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+    model = load(tmp_path / "ckpt", quantization_config=FourbitConfig(**QLORA))
+    up = model.model.layers[0].mlp.up_proj
+    assert type(up.weight) is fourbit.nn.Params4bit and up.weight.bnb_quantized and up.quant_state.nested
+    assert up.weight.quant_type == "nf4" and logits(model).isfinite().all()
+
+
+def test_layers_without_weights_after_loading_are_named(float_dir):
+    model = load(float_dir, quantization_config=FourbitConfig(**QLORA))
+    model.model.layers[1].self_attn.o_proj = Linear4bit(64, 64, bias=False, quant_type="nf4", device="meta")
+    with pytest.raises(ValueError, match=r"the checkpoint did not provide the weights of 1 4-bit layer\(s\), e.g. "
+                                         r"\['model.layers.1.self_attn.o_proj'\]"):
+        model.hf_quantizer._process_model_after_weight_loading(model)
+    model.model.layers[1].self_attn.o_proj = Linear4bit(64, 64, bias=False, quant_type="nf4")
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.o_proj is a Linear4bit whose weight was never "
+                                         r"quantized; nothing to dequantize"):
+        model.dequantize()
+
+
 def test_bad_config_values_name_the_option():
     with pytest.raises(ValueError, match=r"bnb_4bit_quant_type must be 'fp4' or 'nf4', got 'int3'"):
         FourbitConfig(bnb_4bit_quant_type="int3")

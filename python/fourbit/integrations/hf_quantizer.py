@@ -339,10 +339,7 @@ class FourbitHfQuantizer(HfQuantizer):
             model.set_submodule(name, new)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        left = [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and not m.weight.bnb_quantized]
-        if left:
-            raise ValueError(f"the checkpoint did not provide the weights of {len(left)} 4-bit layer(s), e.g. "
-                             f"{left[:3]}; the checkpoint is incomplete or for another model")
+        self._quantize_initialized_weights(model)
         # Saving writes Linear4bit's own state dict (bitsandbytes' keys): no conversion to undo.
         conversions = getattr(model, "_weight_conversions", None)
         if conversions:
@@ -350,6 +347,28 @@ class FourbitHfQuantizer(HfQuantizer):
                 isinstance(op, (FourbitQuantize, FourbitDeserialize)) for op in getattr(c, "operations", ()))]
         mark_loaded_in_4bit(model)
         return model
+
+    def _quantize_initialized_weights(self, model: nn.Module) -> None:
+        """A 4-bit layer whose weight the checkpoint lacks gets transformers' treatment of a
+        missing weight (freshly initialized, reported as MISSING), then is quantized like
+        the rest; one still on the meta device is a ValueError naming the layers."""
+        opts = self.quantization_config.options
+        left = []
+        for name, module in model.named_modules():
+            if not isinstance(module, Linear4bit):
+                continue
+            w = module.weight
+            if isinstance(w, Params4bit) and w.bnb_quantized:
+                continue
+            if w.device.type == "meta" or not w.is_floating_point():
+                left.append(name)
+                continue
+            module.weight = Params4bit(w.detach(), requires_grad=False, compress_statistics=opts.use_double_quant,
+                                       quant_type=opts.quant_type, quant_storage=opts.quant_storage).quantize()
+            module._gemm_cache = None
+        if left:
+            raise ValueError(f"the checkpoint did not provide the weights of {len(left)} 4-bit layer(s), e.g. "
+                             f"{left[:3]}; the checkpoint is incomplete or for another model")
 
     def is_serializable(self) -> bool:
         return True
