@@ -170,6 +170,12 @@ def test_layers_without_weights_after_loading_are_named(float_dir):
     with pytest.raises(ValueError, match=r"model.layers.1.self_attn.o_proj is a Linear4bit whose weight was never "
                                          r"quantized; nothing to dequantize"):
         model.dequantize()
+    # In an already-4-bit checkpoint a float weight is never quantized in its place.
+    pre = fbt.from_pretrained(FIXTURE, device_map="cpu")
+    pre.model.layers[0].mlp.up_proj = Linear4bit(64, 128, bias=False, quant_type="nf4")
+    with pytest.raises(ValueError, match=r"did not provide the weights of 1 4-bit layer\(s\), e.g. "
+                                         r"\['model.layers.0.mlp.up_proj'\]"):
+        pre.hf_quantizer._process_model_after_weight_loading(pre)
 
 
 def test_bad_config_values_name_the_option():

@@ -96,18 +96,17 @@ class FourbitConfig(QuantizationConfigMixin):
         if bnb_4bit_quant_storage is not None:
             options["bnb_4bit_quant_storage"] = bnb_4bit_quant_storage
         options.update(kwargs)  # unknown keys: parse_quantization_config names them
-        self._options = parse_quantization_config(options)
+        opts = parse_quantization_config(options)
         self.quant_method = QUANT_METHOD
         self.load_in_4bit, self.load_in_8bit = True, False
         self.llm_int8_threshold = llm_int8_threshold
         self.llm_int8_has_fp16_weight = llm_int8_has_fp16_weight
         self.llm_int8_enable_fp32_cpu_offload = False
-        self.llm_int8_skip_modules = (None if self._options.skip_modules is None
-                                      else list(self._options.skip_modules))
-        self.bnb_4bit_quant_type = self._options.quant_type
-        self.bnb_4bit_use_double_quant = self._options.use_double_quant
-        self.bnb_4bit_compute_dtype = self._options.compute_dtype
-        self.bnb_4bit_quant_storage = self._options.quant_storage
+        self.llm_int8_skip_modules = None if opts.skip_modules is None else list(opts.skip_modules)
+        self.bnb_4bit_quant_type = opts.quant_type
+        self.bnb_4bit_use_double_quant = opts.use_double_quant
+        self.bnb_4bit_compute_dtype = opts.compute_dtype
+        self.bnb_4bit_quant_storage = opts.quant_storage
 
     @classmethod
     def from_bnb(cls, config) -> "FourbitConfig":
@@ -349,9 +348,11 @@ class FourbitHfQuantizer(HfQuantizer):
         return model
 
     def _quantize_initialized_weights(self, model: nn.Module) -> None:
-        """A 4-bit layer whose weight the checkpoint lacks gets transformers' treatment of a
-        missing weight (freshly initialized, reported as MISSING), then is quantized like
-        the rest; one still on the meta device is a ValueError naming the layers."""
+        """A 4-bit layer whose float weight the checkpoint lacks gets transformers' treatment
+        of a missing weight (freshly initialized, reported as MISSING), then is quantized like
+        the rest. In an already-quantized checkpoint a layer left without its 4-bit weight
+        (missing, or its entries failed to load: transformers reports why) is a ValueError
+        naming the layers, as is one still on the meta device."""
         opts = self.quantization_config.options
         left = []
         for name, module in model.named_modules():
@@ -360,8 +361,8 @@ class FourbitHfQuantizer(HfQuantizer):
             w = module.weight
             if isinstance(w, Params4bit) and w.bnb_quantized:
                 continue
-            if w.device.type == "meta" or not w.is_floating_point():
-                left.append(name)
+            if self.pre_quantized or w.device.type == "meta" or not w.is_floating_point():
+                left.append(name)  # a 4-bit checkpoint's layer never gets random weights
                 continue
             module.weight = Params4bit(w.detach(), requires_grad=False, compress_statistics=opts.use_double_quant,
                                        quant_type=opts.quant_type, quant_storage=opts.quant_storage).quantize()
