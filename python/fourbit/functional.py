@@ -470,8 +470,8 @@ def _matmul_4bit_kn(A, B, quant_state, out, bias):
 def gemv_4bit(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None, transposed_A: bool = False,
               transposed_B: bool = False, state: Optional[QuantState] = None) -> torch.Tensor:
     """bitsandbytes' ``gemv_4bit``: ``A @ dequantize_4bit(B)^T`` for the packed weight ``B``
-    (as stored or transposed) and its QuantState ``state``; any number of rows in ``A``
-    (the 4-bit kernel picks its matrix-vector path for one row). ``transposed_A`` /
+    (as stored or transposed) and its QuantState ``state``, computed by ``matmul_4bit``
+    (any number of rows in ``A``). ``transposed_A`` /
     ``transposed_B`` are accepted and ignored, as in bitsandbytes. No bias; not
     differentiable in the weight."""
     if state is None:
