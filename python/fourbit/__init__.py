@@ -26,5 +26,16 @@ __all__ = ["functional", "QuantState", "matmul_4bit", "built_with_cuda", "__vers
 from . import nn  # noqa: E402  (Params4bit, Linear4bit, LinearNF4, LinearFP4)
 from .nn import replace_linear  # noqa: E402  (nn.Linear -> Linear4bit, streaming)
 from .training import prepare_model_for_kbit_training  # noqa: E402  (PEFT's function of that name)
+from . import utils  # noqa: E402,F401  (bitsandbytes.utils' helpers)
+from . import integrations  # noqa: E402,F401  (its submodules import their library on first use)
 
 __all__ += ["nn", "replace_linear", "prepare_model_for_kbit_training"]
+
+
+def __getattr__(name):
+    # fourbit.FourbitConfig needs transformers: imported (and registered with it) on first use.
+    if name == "FourbitConfig":
+        from .integrations.hf_quantizer import FourbitConfig
+
+        return FourbitConfig
+    raise AttributeError(f"module 'fourbit' has no attribute {name!r}")

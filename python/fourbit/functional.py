@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -150,9 +151,10 @@ class QuantState:
                 raise ValueError(f"quant_state key '{key}' must be an int, got {value!r}")
             return value
 
-        quant_type = need("quant_type", str)
-        if quant_type not in _VALID_QUANT_TYPES:
-            raise ValueError(f"quant_state key 'quant_type' must be 'nf4' or 'fp4', got {quant_type!r}")
+        quant_type = need("quant_type", None)  # None: an unpacked 8-bit blockwise state, as bitsandbytes reads
+        if quant_type not in _VALID_QUANT_TYPES and (quant_type is not None or packed_keys):
+            raise ValueError(f"quant_state key 'quant_type' must be 'nf4' or 'fp4', got {quant_type!r} (None only in "
+                             "an unpacked 8-bit blockwise state)")
         blocksize = need("blocksize", int)
         _check_blocksize(blocksize, "quant_state key 'blocksize'")
         dtype = _parse_dtype(need("dtype", str), "dtype")
@@ -228,8 +230,9 @@ class QuantState:
         if blocks is not None and self.absmax.numel() != blocks:
             raise ValueError(f"quant_state key 'absmax' has {self.absmax.numel()} elements, but shape "
                              f"{list(self.shape)} with blocksize {self.blocksize} needs {blocks}")
-        if self.code.numel() != 16:
-            raise ValueError(f"quant_state key 'quant_map' must have 16 elements, got {self.code.numel()}")
+        codes = 256 if self.quant_type is None else 16  # the 8-bit map, or the 4-bit codebook
+        if self.code.numel() != codes:
+            raise ValueError(f"quant_state key 'quant_map' must have {codes} elements, got {self.code.numel()}")
         # The kernels decode with the codebook of quant_type, not with quant_map: they must agree.
         if self.quant_type in _VALID_QUANT_TYPES and not self.code.is_meta and not torch.equal(
                 self.code.cpu(), get_4bit_type(self.quant_type)):
@@ -512,11 +515,40 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, out: 
     _check_float_dtype(A.dtype, "A.dtype")
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
+    shape = quant_state.shape
+    if shape is not None and len(shape) == 2 and A.shape[-1] == shape[0] != shape[1]:
+        return _matmul_4bit_kn(A, B, quant_state, out, bias)
     W, absmax, nested_absmax, nested_code, offset, *config = _weight_args(B, quant_state)
     result = _ops.gemm_4bit(A, W, absmax, nested_absmax, nested_code, offset, bias, *config, "auto")
     if out is not None:
         return out.copy_(result)
     return result
+
+
+def _matmul_4bit_kn(A, B, quant_state, out, bias):
+    """bitsandbytes' deprecated orientation: a weight quantized from a ``[K, N]`` tensor
+    (``quant_state.shape[0]`` is A's inner dimension): ``A @ deq(B) + bias``, dequantized
+    first, with bitsandbytes' DeprecationWarning."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(f"matmul_4bit: weight was quantized from a [K, N] tensor (quant_state.shape="
+                      f"{list(quant_state.shape)}). Re-quantize from the weight in [N, K] (out_features, "
+                      "in_features) orientation. This will be an error in a future version.",
+                      DeprecationWarning, stacklevel=3)
+    weight = dequantize_4bit(B.reshape(-1, 1), quant_state).to(A.dtype)
+    result = torch.nn.functional.linear(A, weight.t(), bias)
+    return out.copy_(result) if out is not None else result
+
+
+def gemv_4bit(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None, transposed_A: bool = False,
+              transposed_B: bool = False, state: Optional[QuantState] = None) -> torch.Tensor:
+    """bitsandbytes' ``gemv_4bit``: ``A @ dequantize_4bit(B)^T`` for the packed weight ``B``
+    (as stored or transposed) and its QuantState ``state``, computed by ``matmul_4bit``
+    (any number of rows in ``A``). ``transposed_A`` /
+    ``transposed_B`` are accepted and ignored, as in bitsandbytes. No bias; not
+    differentiable in the weight."""
+    if state is None:
+        raise ValueError("state cannot be None. gemv_4bit() requires the state from quantize_4bit()")
+    return matmul_4bit(A, B, state, out=out)
 
 
 # ---------------------------------------------------------------------------- LoRA on a 4-bit weight
@@ -574,5 +606,5 @@ def lora_matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, 
 __all__ = [
     "QuantState", "get_4bit_type", "create_dynamic_map", "quantize_blockwise", "dequantize_blockwise",
     "quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4", "dequantize_nf4", "dequantize_fp4",
-    "matmul_4bit", "lora_matmul_4bit",
+    "matmul_4bit", "lora_matmul_4bit", "gemv_4bit",
 ]

@@ -1,5 +1,6 @@
 """Helpers shared by the fourbit test files: input generators, the bitsandbytes reference
-(imported lazily and run eagerly) and the 8-bit "at least as near" comparison."""
+(imported lazily and run eagerly), the 8-bit "at least as near" comparison and a tiny
+in-memory tokenizer for the recipes."""
 
 from __future__ import annotations
 
@@ -192,3 +193,16 @@ def assert_8bit_codes_nearest(x: torch.Tensor, absmax: torch.Tensor, code: torch
             f"{int(counted.sum())} of {n} codes differ from bitsandbytes' with fourbit's "
             f"strictly nearer ({fraction:.4%}), more than expected of bnb's approximate search")
     return int(differ.sum())
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer built in memory (no download)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = list("abcdefghijklmnopqrstuvwxyz .,")
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>")

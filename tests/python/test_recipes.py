@@ -25,6 +25,8 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 import fourbit.integrations.peft  # noqa: E402,F401  (PEFT dispatch to fourbit's LoRA layer)
 from fourbit.integrations.peft import LoraLinear4bitPeft  # noqa: E402
 
+from _helpers import char_tokenizer  # noqa: E402
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -40,18 +42,6 @@ def assert_only_lora_changed(before, model):
     # Every B moves (it starts at zero and gets gradients); nothing outside the adapters moves.
     assert changed <= lora, sorted(changed - lora)[:5]
     assert {k for k in lora if ".lora_B." in k} <= changed
-
-
-def char_tokenizer():
-    """A character-level fast tokenizer built in memory (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    chars = list("abcdefghijklmnopqrstuvwxyz .,")
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
 
 
 def test_qlora_sfttrainer_recipe(tmp_path, monkeypatch):

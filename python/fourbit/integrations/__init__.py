@@ -5,4 +5,18 @@
 - ``fourbit.integrations.transformers``: load a Hugging Face checkpoint directory straight into
   fourbit 4-bit layers (``BitsAndBytesConfig`` options), and save one transformers +
   bitsandbytes can load.
+- ``fourbit.integrations.hf_quantizer``: ``FourbitConfig`` and fourbit's quantizer, registered
+  with transformers, so ``AutoModel*.from_pretrained(..., quantization_config=FourbitConfig(...))``
+  is transformers' own loader building fourbit layers (``fourbit.FourbitConfig`` imports it).
+- ``fourbit.integrations.trainer``: ``optimizer_cls_and_kwargs(args)``, fourbit's optimizer for
+  a ``TrainingArguments.optim`` name, for the Trainer's ``optimizer_cls_and_kwargs`` argument.
 """
+
+
+def __getattr__(name):
+    # fourbit.integrations.<name> after a plain ``import fourbit``: each submodule on first use.
+    if name in ("peft", "transformers", "trainer", "hf_quantizer"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

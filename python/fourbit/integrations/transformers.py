@@ -145,9 +145,9 @@ def parse_quantization_config(quantization_config=None, **options) -> QuantOptio
     merged = _as_dict(quantization_config)
     merged.update(options)
     method = merged.get("quant_method", "bitsandbytes")
-    if method != "bitsandbytes":
-        raise ValueError(f"quant_method must be 'bitsandbytes' (fourbit reads bitsandbytes' 4-bit format), "
-                         f"got quant_method={method!r}")
+    if method not in ("bitsandbytes", "fourbit"):
+        raise ValueError(f"quant_method must be 'bitsandbytes' or 'fourbit' (fourbit reads bitsandbytes' 4-bit "
+                         f"format), got quant_method={method!r}")
     unknown = sorted(k for k in merged if k not in _KNOWN_KEYS)
     if unknown:
         raise ValueError(f"unknown quantization option(s) {unknown}; fourbit takes BitsAndBytesConfig's 4-bit "
@@ -200,6 +200,7 @@ class _Checkpoint:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
             files = sorted(set(weight_map.values()))
+            _check_shard_names(path, weight_map)
         elif os.path.isfile(single):
             weight_map, files = None, [_SINGLE_FILE]
         else:
@@ -238,6 +239,21 @@ class _Checkpoint:
     def read(self, key: str) -> torch.Tensor:
         """One tensor, copied out of the mapped file."""
         return self.handles[self.file_of[key]].get_tensor(key)
+
+
+def _check_shard_names(path: str, weight_map: dict) -> None:
+    """Every shard an index names must be a file inside the checkpoint directory: an absolute
+    path or one that climbs out (``../elsewhere/x.safetensors``, a symlinked escape) would read
+    tensors from anywhere on the machine."""
+    root = os.path.realpath(path)
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{os.path.join(path, _INDEX_FILE)}: weight_map entry {key!r} names shard {name!r}, "
+                             "which is not a file name")
+        full = os.path.realpath(os.path.join(root, name))
+        if os.path.isabs(name) or os.path.commonpath([root, full]) != root:
+            raise ValueError(f"{os.path.join(path, _INDEX_FILE)}: weight_map entry {key!r} names shard {name!r}, "
+                             "which is outside the checkpoint directory; shards must be files inside it")
 
 
 # ---------------------------------------------------------------------------------------- model skeleton
@@ -341,15 +357,24 @@ def _key_map(model: nn.Module, model_keys: set[str], ckpt_keys) -> dict[str, str
     return {k: k for k in ckpt_keys}
 
 
+# Keyword arguments that are quantization options (BitsAndBytesConfig's); every other keyword
+# of from_pretrained is one of transformers' loading arguments.
+_OPTION_PREFIXES = ("bnb_4bit_", "llm_int8_", "load_in_", "_load_in_", "quant_method")
+# Loading arguments that also locate the config (AutoConfig.from_pretrained takes them too).
+_HUB_KWARGS = ("revision", "token", "trust_remote_code", "cache_dir", "local_files_only", "subfolder",
+               "force_download", "proxies")
+
+
 def from_pretrained(path: Union[str, os.PathLike], quantization_config=None, *, dtype="auto", torch_dtype=None,
                     device=None, model_class=None, **options) -> nn.Module:
-    """Loads a local Hugging Face checkpoint directory into a model whose linear layers are
-    fourbit ``Linear4bit`` (module docstring for the steps and the choice of layers).
+    """Loads a Hugging Face checkpoint into a model whose linear layers are fourbit
+    ``Linear4bit`` (module docstring for the steps and the choice of layers).
 
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` (or shards + index).
-        quantization_config: a ``transformers.BitsAndBytesConfig`` or a dict of its options;
-            ``**options`` are the same options as keyword arguments (they win). Defaults are
+        quantization_config: a ``fourbit.FourbitConfig``, a ``transformers.BitsAndBytesConfig``
+            or a dict of its options; option keywords (``bnb_4bit_*``, ``llm_int8_*``,
+            ``load_in_*``) are the same options (they win). Defaults are
             ``BitsAndBytesConfig``'s: ``bnb_4bit_quant_type="fp4"``, no double quantization,
             float32 compute, uint8 storage (QLoRA uses ``"nf4"`` + ``use_double_quant=True``).
             Ignored (with a warning) for a checkpoint that is already 4-bit.
@@ -359,18 +384,30 @@ def from_pretrained(path: Union[str, os.PathLike], quantization_config=None, *, 
         device: where the model is built and each weight quantized (default CPU).
         model_class: the transformers class to build; default: the first of
             ``config.architectures`` that transformers has (e.g. ``LlamaForCausalLM``).
+        any other keyword (``device_map``, ``attn_implementation``, ``low_cpu_mem_usage``,
+            ``trust_remote_code``, ``revision``, ...): the model is then loaded by
+            transformers' own ``from_pretrained`` through fourbit's registered quantizer
+            (``fourbit.integrations.hf_quantizer``), with those arguments; ``path`` may then
+            be a Hub name.
 
-    Returns the model in eval mode with ``is_loaded_in_4bit = True`` (what PEFT looks for)
-    and ``config.quantization_config`` set to the options used (so ``save_pretrained``
+    Returns the model in eval mode with ``is_loaded_in_4bit = True`` (what PEFT looks for),
+    ``model.dequantize()`` working, ``num_parameters()`` counting 4-bit weights at their real
+    size, and ``config.quantization_config`` set to the options used (so ``save_pretrained``
     round-trips).
 
     Raises:
         FileNotFoundError: no directory, no config.json, no safetensors file, a missing shard.
         ValueError: a bad option (naming it and its value), a truncated or corrupt file,
             missing, unexpected or mis-shaped checkpoint entries (named), a non-bitsandbytes
-            quantized checkpoint. Everything is checked before any tensor is read.
+            quantized checkpoint, a shard outside the directory, an error while filling a
+            layer (naming the layer). Everything but the last is checked before any tensor is
+            read.
     """
     path = os.fspath(path)
+    loader_kwargs = {k: options.pop(k) for k in list(options) if not k.startswith(_OPTION_PREFIXES)}
+    if loader_kwargs:
+        return _from_pretrained_by_transformers(path, quantization_config, options, dtype, torch_dtype, device,
+                                                model_class, loader_kwargs)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path {path!r} is not a directory (fourbit loads local checkpoint directories)")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -384,9 +421,7 @@ def from_pretrained(path: Union[str, os.PathLike], quantization_config=None, *, 
     if saved is not None:
         opts = parse_quantization_config(_as_dict(saved, "config.json quantization_config"))
         if quantization_config is not None or options:
-            warnings.warn(f"{path} is already quantized with bitsandbytes 4-bit: its own quantization_config is "
-                          "used and the options passed are ignored (as transformers does)", UserWarning,
-                          stacklevel=2)
+            _warn_options_ignored(path)
     else:
         opts = user
     checkpoint = _Checkpoint(path)
@@ -403,7 +438,54 @@ def from_pretrained(path: Union[str, os.PathLike], quantization_config=None, *, 
     plan = _plan(model, checkpoint, opts, pre_quantized=saved is not None)
     _load(plan, checkpoint, dtype, device)
     model.config.quantization_config = opts.to_bnb_dict()
-    model.is_loaded_in_4bit = True
+    _attach_quantizer(model, opts)
+    return model.eval()
+
+
+def _warn_options_ignored(path: str) -> None:
+    warnings.warn(f"{path} is already quantized with bitsandbytes 4-bit: its own quantization_config is "
+                  "used and the options passed are ignored (as transformers does)", UserWarning, stacklevel=3)
+
+
+def _attach_quantizer(model: nn.Module, opts: QuantOptions) -> None:
+    """What transformers' loader gives a model loaded through fourbit's quantizer: the
+    quantizer (``dequantize()``, the Trainer's checks), ``is_quantized``, ``is_loaded_in_4bit``
+    and counting methods that know 4-bit weights."""
+    from .hf_quantizer import QUANT_METHOD, FourbitConfig, FourbitHfQuantizer, mark_loaded_in_4bit
+
+    model.hf_quantizer = FourbitHfQuantizer(FourbitConfig(**opts.to_bnb_dict()), pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    mark_loaded_in_4bit(model)
+
+
+def _from_pretrained_by_transformers(path: str, quantization_config, options: dict, dtype, torch_dtype, device,
+                                     model_class, loader_kwargs: dict) -> nn.Module:
+    """``from_pretrained`` through transformers' own loader and fourbit's registered quantizer."""
+    from .hf_quantizer import FourbitConfig
+
+    user = parse_quantization_config(quantization_config, **options)
+    config = transformers.AutoConfig.from_pretrained(path, **{k: loader_kwargs[k] for k in _HUB_KWARGS
+                                                              if k in loader_kwargs})
+    saved = getattr(config, "quantization_config", None)
+    kwargs = dict(loader_kwargs)
+    if saved is not None:  # bitsandbytes' config on disk: read it with fourbit's quantizer instead
+        config.quantization_config = FourbitConfig(**_as_dict(saved, "config.json quantization_config")
+                                                   ).to_loader_dict()
+        if quantization_config is not None or options:
+            _warn_options_ignored(path)
+    else:
+        kwargs["quantization_config"] = FourbitConfig(**user.to_bnb_dict())
+    if torch_dtype is not None:
+        if dtype not in ("auto", None) and _to_dtype(dtype, "dtype") != _to_dtype(torch_dtype, "torch_dtype"):
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype")
+        dtype = torch_dtype
+    if device is not None:
+        if "device_map" in kwargs:
+            raise ValueError(f"pass device or device_map, not both (got device={device!r} and "
+                             f"device_map={kwargs['device_map']!r})")
+        kwargs["device_map"] = {"": torch.device(device)}
+    model = _model_class(config, model_class).from_pretrained(path, config=config, dtype=dtype, **kwargs)
     return model.eval()
 
 
@@ -609,27 +691,13 @@ def _load(plan: _Plan, checkpoint: _Checkpoint, dtype: torch.dtype, device: torc
         if id(module) in done:
             continue
         done.add(id(module))
-        prefix = mname + "." if mname else ""
-        if mname in plan.quantized:
-            _load_linear4bit(module, mname, plan.quantized[mname], checkpoint, present, dtype, device)
-            continue
-        for leaf, param in list(module._parameters.items()):
-            name = prefix + leaf
-            if param is None or name not in plan.tied:
-                continue
-            value = checkpoint.read(present[name])
-            if value.is_floating_point():
-                value = value.to(dtype)
-            new = nn.Parameter(value.to(device), requires_grad=param.requires_grad)
-            module._parameters[leaf] = new
-            loaded[name] = new
-            del value, new
-        for leaf, buf in list(module._buffers.items()):
-            name = prefix + leaf
-            if buf is None or leaf in module._non_persistent_buffers_set or name not in present:
-                continue
-            value = checkpoint.read(present[name])
-            module._buffers[leaf] = value.to(device=device, dtype=buf.dtype)
+        try:
+            if mname in plan.quantized:
+                _load_linear4bit(module, mname, plan.quantized[mname], checkpoint, present, dtype, device)
+            else:
+                _load_plain(module, mname + "." if mname else "", plan, checkpoint, dtype, device, loaded)
+        except (ValueError, RuntimeError, TypeError, KeyError, OSError) as e:
+            raise ValueError(f"while loading layer {mname or type(model).__name__!r}: {type(e).__name__}: {e}") from e
     # Ties: every other name of a shared parameter gets the one loaded.
     for first, others in plan.tied.items():
         if first not in loaded:  # a shared module's parameters (one object under two names)
@@ -640,6 +708,29 @@ def _load(plan: _Plan, checkpoint: _Checkpoint, dtype: torch.dtype, device: torc
     left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
     if left:  # _plan reports missing entries first; this guards the invariant
         raise RuntimeError(f"internal error: parameters left on the meta device after loading: {left[:8]}")
+
+
+def _load_plain(module: nn.Module, prefix: str, plan: _Plan, checkpoint: _Checkpoint, dtype: torch.dtype,
+                device: torch.device, loaded: dict[str, nn.Parameter]) -> None:
+    """Reads one module's own float parameters and persistent buffers."""
+    present = plan.present
+    for leaf, param in list(module._parameters.items()):
+        name = prefix + leaf
+        if param is None or name not in plan.tied:
+            continue
+        value = checkpoint.read(present[name])
+        if value.is_floating_point():
+            value = value.to(dtype)
+        new = nn.Parameter(value.to(device), requires_grad=param.requires_grad)
+        module._parameters[leaf] = new
+        loaded[name] = new
+        del value, new
+    for leaf, buf in list(module._buffers.items()):
+        name = prefix + leaf
+        if buf is None or leaf in module._non_persistent_buffers_set or name not in present:
+            continue
+        value = checkpoint.read(present[name])
+        module._buffers[leaf] = value.to(device=device, dtype=buf.dtype)
 
 
 def _load_linear4bit(module: Linear4bit, name: str, kind: str, checkpoint: _Checkpoint, present: dict[str, str],

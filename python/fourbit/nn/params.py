@@ -184,6 +184,18 @@ class Params4bit(torch.nn.Parameter):
         data = self.data.to(device=device, non_blocking=non_blocking)
         return self if data.device == self.device else self._like(data)
 
+    # ------------------------------------------------------------------ sharding
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """``torch.chunk`` / ``torch.split`` of a Params4bit give Params4bit pieces carrying
+        its attributes and (shared) QuantState, as in bitsandbytes (#1424: FSDP2 shards
+        parameters with them); every other function behaves as for ``nn.Parameter``."""
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **(kwargs or {}))
+        if func in _SHARDING_FUNCTIONS and args and isinstance(args[0], Params4bit):
+            return tuple(args[0]._like(piece) for piece in result)
+        return result
+
     # ------------------------------------------------------------------ copies
     def __deepcopy__(self, memo):
         if id(self) in memo:
@@ -204,6 +216,9 @@ class Params4bit(torch.nn.Parameter):
         return (f"Params4bit({state}, quant_type={self.quant_type!r}, blocksize={self.blocksize}, "
                 f"compress_statistics={self.compress_statistics}, quant_storage={self.quant_storage}, "
                 f"data shape={list(self.shape)}, device={self.device})")
+
+
+_SHARDING_FUNCTIONS = (torch.chunk, torch.split)
 
 
 def _check_packed_data(data, quant_state: F.QuantState, name: str) -> None:

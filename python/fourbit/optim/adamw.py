@@ -31,6 +31,7 @@ import torch
 
 from .. import functional as F
 from . import paging
+from .manager import GlobalOptimManager
 
 BLOCKSIZE = 256
 # bitsandbytes pages only states of tensors with >= 1e5 elements: smaller ones gain nothing
@@ -99,6 +100,9 @@ class _AdamWBase(torch.optim.Optimizer):
         self.optim_bits = int(optim_bits)
         self.min_8bit_size = int(min_8bit_size)
         self.is_paged = bool(is_paged)
+        # The dynamic maps, computed here once: state creation inside torch.compile(step) then
+        # only copies them (fourbit._C.create_dynamic_map cannot be traced).
+        self._qmap_host = (F.create_dynamic_map(signed=True), F.create_dynamic_map(signed=False))
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -116,12 +120,13 @@ class _AdamWBase(torch.optim.Optimizer):
 
     def _qmap(self, device):
         if device not in self._qmaps:
-            self._qmaps[device] = (F.create_dynamic_map(signed=True).to(device),
-                                   F.create_dynamic_map(signed=False).to(device))
+            self._qmaps[device] = tuple(m.to(device, copy=True) for m in self._qmap_host)
         return self._qmaps[device]
 
     def _uses_8bit(self, p):
-        return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
+        overrides = GlobalOptimManager.get_instance().config_for(self, p)  # manager.py
+        return (overrides.get("optim_bits", self.optim_bits) == 8
+                and p.numel() >= overrides.get("min_8bit_size", self.min_8bit_size))
 
     def _buffer(self, p, dtype, shape=None):
         shape = p.shape if shape is None else shape
