@@ -57,13 +57,7 @@ void check_ptr(const void* ptr, int64_t numel, const char* op, const char* name)
 
 void validate(const Lora4bitForwardParams& p) {
   const char* op = "lora_4bit_forward";
-  Gemm4bitParams base;
-  base.weight = p.weight;
-  base.x = p.x;
-  base.y = p.y;
-  base.M = p.M;
-  base.dtype = p.dtype;
-  validate_base(base, op);
+  validate_base(base_product_params(p), op);
   check_rank(p.r, op);
   const int64_t N = p.weight.N, K = p.weight.K;
   check_ptr(p.lora_a, checked_mul(p.r, K, op, "r * K"), op, "lora_a");
