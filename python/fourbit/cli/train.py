@@ -1,0 +1,6 @@
+import click
+
+
+@click.command("train")
+def train_cmd():
+    """TODO"""
