@@ -66,8 +66,9 @@ def meta_model(path: Path):
 
 def matches(name: str, pattern: str) -> bool:
     """``pattern`` names module ``name``: equal, a dotted suffix ("q_proj", "attn.q_proj") or a
-    shell glob ("*.layers.1.*")."""
-    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+    shell glob of the name or of a dotted suffix ("layers.1.*", "mlp.*")."""
+    return (name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+            or fnmatch.fnmatchcase(name, "*." + pattern))
 
 
 def linear_modules(model) -> list[str]:
@@ -88,3 +89,13 @@ def key_to_module(key: str, modules: set[str], prefix: str) -> Optional[str]:
         if candidate in modules:
             return candidate
     return None
+
+
+def open_shard(path: Path):
+    """``safe_open`` on one file; a corrupt or truncated file is a CliError that names it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CliError(f"{path}: not a readable safetensors file ({e})", EXIT_INPUT) from None

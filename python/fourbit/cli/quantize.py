@@ -16,7 +16,8 @@ from rich.table import Table
 import fourbit.functional as F
 
 from ._common import EXIT_USAGE, PeakRSS, CliError, atomic_dir, console, fmt_bytes, require_dir
-from .checkpoint import INDEX, key_to_module, linear_modules, matches, meta_model, read_config, shard_files
+from .checkpoint import (INDEX, key_to_module, linear_modules, matches, meta_model, open_shard, read_config,
+                         shard_files)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,7 +44,6 @@ def plan_modules(model, include: tuple[str, ...], exclude: tuple[str, ...]) -> t
 def quantize_checkpoint(src: Path, dst: Path, *, quant_type: str, double_quant: bool, blocksize: int,
                         compute_dtype: str, include=(), exclude=(), progress: bool = True) -> dict:
     """Writes the 4-bit checkpoint into ``dst`` (an existing empty directory); returns the report."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from fourbit.integrations.transformers import QuantOptions
@@ -60,7 +60,7 @@ def quantize_checkpoint(src: Path, dst: Path, *, quant_type: str, double_quant: 
     del model
     n_keys = 0
     for name in files:
-        with safe_open(str(src / name), framework="pt") as f:
+        with open_shard(src / name) as f:
             n_keys += len(list(f.keys()))
 
     layers, weight_map, total = [], {}, {"float_bytes": 0, "out_bytes": 0}
@@ -71,7 +71,7 @@ def quantize_checkpoint(src: Path, dst: Path, *, quant_type: str, double_quant: 
         task = bar.add_task("quantizing", total=n_keys)
         for name in files:
             out = {}
-            with safe_open(str(src / name), framework="pt") as f:
+            with open_shard(src / name) as f:
                 for key in f.keys():
                     tensor = f.get_tensor(key)
                     module = key_to_module(key, chosen_set, prefix)
