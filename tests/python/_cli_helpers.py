@@ -43,3 +43,31 @@ def write_jsonl(path, rows):
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+WORDS = ("the a cat dog sat ran on mat log fire disk full error warn ok boot fail retry stop start net down up "
+         "write read file open close user root kernel panic time out mem low high cpu hot fan spin slow fast").split()
+
+
+def save_word_tokenizer(path, words=WORDS):
+    """A word-level tokenizer (ids < 64) saved beside a tiny model, as real model directories have one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def text_rows(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"text": " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(4, 12, (1,),
+                                                                                                         generator=g)),),
+                                                                  generator=g))}
+            for _ in range(n)]
