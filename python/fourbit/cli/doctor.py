@@ -174,11 +174,11 @@ def run_checks(config: Optional[Path]) -> list[Check]:
         checks.append(Check("fourbit extension", "FAIL", str(e), "reinstall: pip install --no-build-isolation ."))
         return checks
     checks += gpu_checks() + cpu_checks()
-    try:
-        import bitsandbytes  # noqa: F401
+    try:  # the installed version, without importing it (its import probes for kernels)
+        from importlib.metadata import PackageNotFoundError, version
 
-        checks.append(Check("bitsandbytes (optional)", "PASS", f"{bitsandbytes.__version__}"))
-    except Exception:
+        checks.append(Check("bitsandbytes (optional)", "PASS", version("bitsandbytes")))
+    except PackageNotFoundError:
         checks.append(Check("bitsandbytes (optional)", "SKIP", "not installed",
                             "only needed to load checkpoints with transformers + bitsandbytes"))
     if config is not None:
@@ -195,11 +195,14 @@ def doctor_cmd(config):
         raise CliError(f"--config {str(config)!r} does not exist")
     checks = run_checks(config)
     table = Table(title="fourbit doctor")
-    for col in ("check", "status", "found", "fix"):
+    for col in ("check", "status", "found"):
         table.add_column(col, overflow="fold")
     for c in checks:
-        table.add_row(c.name, f"[{STYLE[c.status]}]{c.status}[/]", c.found, c.fix)
+        table.add_row(c.name, f"[{STYLE[c.status]}]{c.status}[/]", c.found)
     console.print(table)
+    for c in checks:
+        if c.status in ("FAIL", "WARN") and c.fix:
+            console.print(f"[{STYLE[c.status]}]{c.status}[/] {c.name}: {c.fix}", soft_wrap=True)
     failed = [c.name for c in checks if c.status == "FAIL"]
     if failed:
         raise CliError(f"{len(failed)} check(s) failed: {', '.join(failed)}", EXIT_CHECK_FAILED)
