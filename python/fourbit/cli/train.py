@@ -32,7 +32,7 @@ OPTIMIZER_CLASSES = {"paged_adamw_8bit": "PagedAdamW8bit", "adamw_8bit": "AdamW8
                      "adamw": "AdamW"}
 STATE_FILE = "trainer_state.pt"
 # Keys that may change between a run and its resumption; any other change is an error.
-RESUMABLE_CHANGES = ("output_dir", "log_steps", "save_steps", "threads", "eval_data", "reference_model")
+RESUMABLE_CHANGES = ("output_dir", "log_steps", "save_steps", "threads", "eval_data", "reference_model", "min_cosine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -336,6 +336,9 @@ def run_training(cfg: TrainConfig, *, resume: bool, overwrite: bool, stop_after:
         report["fidelity"] = task.fidelity
         console.print(f"4-bit vs float embeddings (held-out sentences): mean cosine {task.fidelity['mean_cosine']:.4f},"
                       f" min {task.fidelity['min_cosine']:.4f}")
+        if task.fidelity["mean_cosine"] < cfg.min_cosine:
+            raise CliError(f"4-bit embeddings too far from the reference: mean cosine "
+                           f"{task.fidelity['mean_cosine']:.4f} < min_cosine {cfg.min_cosine}", EXIT_CHECK_FAILED)
     rows = {**report.get("before", {}), **report["after"]}
     if rows:
         console.print(retrieval_table(rows, len(task.heldout)))

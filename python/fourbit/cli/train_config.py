@@ -56,6 +56,9 @@ class TrainConfig:
     optimizer: str = field(default="paged_adamw_8bit", metadata={"choices": OPTIMIZERS})
     grad_ckpt: bool = field(default=True, metadata={"help": "gradient checkpointing (causal_lm)"})
     scale: float = field(default=20.0, metadata={"min": 0, "help": "inverse temperature (contrastive)"})
+    min_cosine: float = field(default=0.0, metadata={"min": -1, "max": 1,
+                                                     "help": "contrastive: fail (exit 5) if the 4-bit model's mean "
+                                                             "cosine to reference_model's embeddings is lower"})
     seed: int = 0
     log_steps: int = field(default=10, metadata={"min": 1})
     save_steps: int = field(default=0, metadata={"min": 0, "help": "checkpoint every N steps (0: only at the end)"})
