@@ -55,3 +55,31 @@ def test_bad_inputs(tmp_path):
     assert "'bert'" in run("estimate", tmp_path, expect=3).output
     assert "not projections" in run("estimate", "llama-3.1-8b", "--targets", "q_proj,lm_head", expect=2).output
     run("estimate", "llama-3.1-8b", "--batch", "0", expect=2)
+
+
+@pytest.mark.parametrize("vocab,batch,seq", [(32000, 2, 256)])
+def test_predicts_a_measured_cpu_step_within_10_percent(tmp_path, vocab, batch, seq):
+    """A tiny Llama (4 layers, hidden 256) trained on the CPU as on the GPU (NF4 nested, bf16,
+    LoRA r=16 on all seven projections, checkpointing, 8-bit AdamW): the estimate for
+    device="cpu" against the measured peak (tests/python/_cpu_step_memory.py)."""
+    import os
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                      tie_word_embeddings=False, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    script = os.path.join(os.path.dirname(__file__), "_cpu_step_memory.py")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, script, str(tmp_path), str(batch), str(seq)], env=env, check=True,
+                         capture_output=True, text=True, timeout=600).stdout
+    measured = json.loads(out.strip().splitlines()[-1])["measured_bytes"]
+    est = estimate(load_shape(str(tmp_path)), batch=batch, seq=seq, r=16, optim="adamw_8bit", device="cpu")
+    predicted = est["peak_allocated_bytes"]
+    print(f"vocab {vocab}, {batch}x{seq}: predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+    assert abs(predicted / measured - 1) < 0.10, f"predicted {predicted / 2**20:.1f} vs measured {measured / 2**20:.1f} MiB"

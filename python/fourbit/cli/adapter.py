@@ -50,6 +50,8 @@ def read_adapter(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
             raise CliError(f"{path / CONFIG}: {key} must be a positive number, got {config.get(key)!r}", EXIT_INPUT)
+    if config.get("alpha_pattern"):
+        raise CliError(f"{path / CONFIG}: alpha_pattern {config['alpha_pattern']!r} is not supported", EXIT_INPUT)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CliError(f"ADAPTER {str(path)!r} has no {WEIGHTS}", EXIT_INPUT)

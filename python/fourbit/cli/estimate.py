@@ -111,8 +111,9 @@ def load_shape(model: str) -> Shape:
 
 def estimate(shape: Shape, *, batch: int, seq: int, r: int, targets=PROJ, optim: str = "paged_adamw_8bit",
              grad_ckpt: bool = True, dtype: str = "bfloat16", lora_dtype: str = "float32",
-             blocksize: int = 64, double_quant: bool = True) -> dict:
-    """Bytes of each item alive at the peak of a training step, and the peak itself."""
+             blocksize: int = 64, double_quant: bool = True, device: str = "cuda") -> dict:
+    """Bytes of each item alive at the peak of a training step, and the peak itself.
+    ``device="cpu"``: the same step on the CPU (no cuBLAS workspaces)."""
     unknown = sorted(set(targets) - set(PROJ))
     if unknown:
         raise CliError(f"--targets {unknown} are not projections of a Llama-style layer ({', '.join(PROJ)})",
@@ -165,8 +166,9 @@ def estimate(shape: Shape, *, batch: int, seq: int, r: int, targets=PROJ, optim:
         "float params (embeddings, norms, lm_head)": float_params,
         "LoRA parameters": n_lora * lb,
         "optimizer states" + (" (paged: outside torch's allocator)" if paged else ""): states,
-        "cuBLAS/cuBLASLt workspaces": WORKSPACE_PER_THREAD * MATMUL_THREADS,
     }
+    if device == "cuda":
+        static["cuBLAS/cuBLASLt workspaces"] = WORKSPACE_PER_THREAD * MATMUL_THREADS
     if loss_phase >= recompute:
         peak_phase = "loss"
         dynamic = {("saved activations (checkpoints)" if grad_ckpt else "saved activations (all layers)"):
