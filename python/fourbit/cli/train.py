@@ -118,9 +118,11 @@ class ContrastiveTask:
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         from . import contrastive as C
 
+        hf_logging.disable_progress_bar()
         self.C, self.cfg = C, cfg
         path = resolve_model(cfg.model)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -291,6 +293,7 @@ def run_training(cfg: TrainConfig, *, resume: bool, overwrite: bool, stop_after:
                   f"{cfg.max_steps} steps x {cfg.batch_size} x {cfg.grad_accum} on {device.type}"
                   + (f"; resuming at step {start} from {checkpoint}" if checkpoint else ""))
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
+    progress = progress and console.is_terminal  # a live bar on a terminal, log lines otherwise
     task.model.train()
     t0, tokens_seen = time.perf_counter(), 0
     with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
