@@ -37,8 +37,9 @@ def write_config(path, **keys):
     return path
 
 
-def base_config(tmp_path, llama_dir, data, **extra):
-    keys = dict(task="causal_lm", model=str(llama_dir), output_dir=str(tmp_path / "run"), data=str(data / "text.jsonl"),
+def base_config(tmp_path, llama_dir, data_dir, **extra):
+    keys = dict(task="causal_lm", model=str(llama_dir), output_dir=str(tmp_path / "run"),
+                data=str(data_dir / "text.jsonl"),
                 seq_len=16, batch_size=4, grad_accum=2, lr=5e-3, max_steps=6, optimizer="paged_adamw_8bit",
                 lora_r=4, lora_alpha=8, lora_dropout=0.1, warmup_ratio=0.2, lr_schedule="cosine", seed=3)
     keys.update(extra)
@@ -73,11 +74,15 @@ def test_causal_lm_resume_is_bit_identical(tmp_path, llama_dir, data, grad_ckpt)
 
 
 def test_alpaca_rows_flags_win_and_peft_loads_the_adapter(tmp_path, llama_dir, data):
-    cfg = base_config(tmp_path, llama_dir, data, data=str(data / "alpaca.jsonl"), max_steps=2, optimizer="adamw")
+    cfg = base_config(tmp_path, llama_dir, data, data=str(data / "alpaca.jsonl"), max_steps=2, optimizer="adamw",
+                      seq_len=64)
     run("train", cfg, "--lora-r", "2", "--lora-targets", "q_proj,v_proj", "--no-grad-ckpt", "--no-progress")
     adapter = tmp_path / "run" / "adapter"
     config, layers = read_adapter(adapter)
     assert config["r"] == 2 and len(layers) == 4 and all(v["A"].shape[0] == 2 for v in layers.values())
+    info = json.loads(run("inspect", adapter, "--json").output)
+    assert (info["format"], info["rank"], info["targets"], info["lora_layers"]) == ("LoRA adapter", 2,
+                                                                                    ["q_proj", "v_proj"], 4)
     peft = pytest.importorskip("peft")
     base = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
     model = peft.PeftModel.from_pretrained(base, adapter)
@@ -129,3 +134,20 @@ def test_config_errors_name_the_key(tmp_path, llama_dir, data):
     run("train", cfg, "--stop-after", "1", "--no-progress")
     assert "lora_r" in run("train", cfg, "--resume", "--lora-r", "8", expect=2).output
     assert "--resume" in run("train", cfg, expect=6).output
+
+
+def test_alpaca_template_masks_the_prompt(llama_dir):
+    from fourbit.cli.train_data import ALPACA_NO_INPUT, IGNORE, collate, tokenize_rows
+
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    rows = [{"instruction": "read file", "response": "disk full"}, {"text": "cat sat on mat"}]
+    (ids, labels), (t_ids, t_labels) = tokenize_rows(rows, tok, seq_len=64, template="alpaca", train_on_prompt=False,
+                                                      source="rows")
+    prompt = tok(ALPACA_NO_INPUT.format(instruction="read file"), add_special_tokens=False)["input_ids"]
+    n = 1 + len(prompt)  # bos + prompt
+    assert labels[:n] == [IGNORE] * n and labels[n:] == ids[n:] == tok("disk full")["input_ids"][-2:] + [tok.eos_token_id]
+    assert t_labels[1:] == t_ids[1:] and t_ids[0] == tok.bos_token_id  # (label 0 is never predicted)
+    batch = collate([(ids, labels), (t_ids, t_labels)], pad_id=0)
+    assert batch["attention_mask"][1].sum() == len(t_ids) and (batch["labels"][1, len(t_ids):] == IGNORE).all()
+    _, full = tokenize_rows(rows[:1], tok, seq_len=64, template="alpaca", train_on_prompt=True, source="rows")[0]
+    assert IGNORE not in full

@@ -125,7 +125,7 @@ def layer_table(layers: list[dict], limit: int) -> Table:
     worst = sorted(layers, key=lambda r: -r["rel_error"])[:limit]
     table = Table(title=f"Per-layer error ({len(layers)} layers; the {len(worst)} worst, then all-layer stats)")
     for col in ("layer", "shape", "rel. error ||W-Q||/||W||", "max |W-Q|"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
+        table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
     for r in worst:
         table.add_row(r["name"], "x".join(map(str, r["shape"])), f"{r['rel_error']:.4f}", f"{r['max_abs_error']:.3g}")
     errs = [r["rel_error"] for r in layers]
