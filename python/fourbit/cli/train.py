@@ -150,7 +150,8 @@ class ContrastiveTask:
         batch = [self.pairs[i] for i in self.order.batch(m)]
         q = C.embed(self.model, self.tokenizer, [p.technical for p in batch], self.cfg.seq_len)
         c = C.embed(self.model, self.tokenizer, [p.plain for p in batch], self.cfg.seq_len)
-        tokens = sum(len(self.tokenizer(p.technical + " " + p.plain)["input_ids"]) for p in batch)
+        texts = [p.technical for p in batch] + [p.plain for p in batch]
+        tokens = sum(min(len(ids), self.cfg.seq_len) for ids in self.tokenizer(texts)["input_ids"])
         return C.in_batch_loss(q, c, self.cfg.scale), tokens
 
     def before(self) -> dict:
