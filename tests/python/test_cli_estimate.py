@@ -37,7 +37,7 @@ def test_items_count_what_they_say():
 
 def test_command_table_json_and_fit(tmp_path):
     out = run("estimate", "llama-3.1-8b", "--batch", "4", "--seq", "512").output
-    assert "4-bit weights" in out and "logits" in out and "fits:" in out and "9.52" in out
+    assert "4-bit weights" in out and "logits" in out and "fits (nominal memory)" in out and "9.52" in out
     data = json.loads(run("estimate", "llama-3-70b", "--json").output)
     assert abs(data["peak_allocated_bytes"] / GiB - 39.16) < 0.01 and data["fits"] is None
     assert "does not fit" in run("estimate", "llama-3-70b", "--gpu-mem", "24", expect=4).output

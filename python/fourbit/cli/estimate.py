@@ -179,13 +179,15 @@ def estimate(shape: Shape, *, batch: int, seq: int, r: int, targets=PROJ, optim:
     items = dict(static, **dynamic)
     allocated = sum(v for k, v in items.items() if not k.startswith("optimizer states (paged"))
     return {"items": items, "peak_phase": peak_phase, "peak_allocated_bytes": allocated,
+            "lora_gradient_bytes": n_lora * lb,
             "gpu_total_bytes": sum(items.values()), "lora_parameters": n_lora, "tokens": T,
             "phases": {"loss": loss_phase, "recompute": recompute},
             "activations_no_ckpt_bytes": L * per_layer * T, "activations_ckpt_bytes": L * a * h * T}
 
 
-GPU_SIZES = (("T4 16 GB", 15.0), ("RTX 4090 / A10 24 GB", 23.6), ("L40S 48 GB", 44.4), ("A100/H100 40 GB", 39.4),
-             ("A100/H100 80 GB", 79.1), ("H200 141 GB", 139.8))
+# Nominal memory of common cards (as marketed); the usable part is a little smaller.
+GPU_SIZES = (("16 GB (T4, V100)", 16), ("24 GB (RTX 4090, A10, L4)", 24), ("40 GB (A100 40GB)", 40),
+             ("48 GB (L40S, A6000)", 48), ("80 GB (A100/H100 80GB)", 80), ("141 GB (H200)", 141))
 
 
 @click.command("estimate")
@@ -227,8 +229,13 @@ def estimate_cmd(model, batch, seq, r, targets, optim, grad_ckpt, dtype, lora_dt
         table.add_row(f"[bold]peak allocated by torch[/] (at the {est['peak_phase']})",
                       f"[bold]{est['peak_allocated_bytes'] / GiB:.2f}[/]")
         table.add_row(f"+ paged states and CUDA context ({context_gib:g} GiB, assumed)", f"{need:.2f}")
+        table.add_section()
+        table.add_row("[dim]LoRA gradients (alive during backward, freed before this peak)[/]",
+                      f"[dim]{est['lora_gradient_bytes'] / GiB:.3f}[/]")
+        table.add_row("[dim]saved activations with / without gradient checkpointing[/]",
+                      f"[dim]{est['activations_ckpt_bytes'] / GiB:.2f} / {est['activations_no_ckpt_bytes'] / GiB:.2f}[/]")
         console.print(table)
-        console.print("fits: " + ", ".join(f"{name} {'[green]yes[/]' if need <= cap else '[red]no[/]'}"
-                                           for name, cap in GPU_SIZES))
+        console.print("fits (nominal memory): " + ", ".join(
+            f"{name} {'[green]yes[/]' if need <= cap else '[red]no[/]'}" for name, cap in GPU_SIZES))
     if fits is False:
         raise CliError(f"does not fit: needs {need:.2f} GiB, --gpu-mem is {gpu_mem:g} GiB", EXIT_DOES_NOT_FIT)
