@@ -52,8 +52,7 @@ import fourbit  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantize_model import MODEL_PACKAGE, CheckFailed, default_model_dir, report  # noqa: E402
 
-from fourbit.cli.contrastive import (Pair, embed, embed_all, evaluate, in_batch_loss, load_pairs,  # noqa: E402,F401
-                                     retrieval_metrics)
+from fourbit.cli.contrastive import Pair, embed, embed_all, evaluate, in_batch_loss, load_pairs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO / "data" / "paraphrases"

@@ -16,7 +16,7 @@ import torch
 
 from ._common import EXIT_INPUT, PeakRSS, CliError, atomic_dir, console, fmt_bytes, require_dir
 from .adapter import read_adapter, scaling
-from .checkpoint import INDEX, key_to_module, read_config, shard_files
+from .checkpoint import key_to_module, read_config, shard_files
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
