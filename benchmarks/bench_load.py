@@ -9,11 +9,14 @@ and optimizer (fourbit's and torch's threads).
 
 For each thread count in ``--threads`` (torch.set_num_threads, which fourbit's parallel
 loops follow), the median seconds per step over ``--steps`` steps after one warm-up step,
-first with no added load, then with ``--busy`` busy-loop processes (one pure-Python spin
-loop each). The machine's own 1-minute load average is recorded before each run, since
-"quiet" is only as quiet as the machine is.
+first with no added load, then with ``--busy`` load processes (``--load spin``: a pure-Python
+busy loop each; ``--load torch``: another torch job each, the case where two OpenMP pools
+compete). The machine's own 1-minute load average is recorded before each run, since
+"quiet" is only as quiet as the machine is. Run it under each OpenMP wait setting to compare
+(libgomp reads them when it loads, so they go in the environment):
 
-    python benchmarks/bench_load.py --busy 2 --json benchmarks/results/load_cpu.json
+    python benchmarks/bench_load.py --busy 2 --load torch --json benchmarks/results/load_cpu.json
+    GOMP_SPINCOUNT=1000 python benchmarks/bench_load.py --busy 2 --load torch
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ import torch
 
 import fourbit
 from fourbit.nn import LinearNF4, LoraLinear4bit
+
+
+# The load processes: a pure-Python spin (one busy core each), or another torch job (a matmul
+# loop on torch's default threads, whose idle OpenMP workers spin as a second training job's do).
+LOADS = {
+    "spin": "while True: pass",
+    "torch": "import torch\na = torch.randn(256, 256)\nwhile True: a @ a",
+}
 
 
 def build(layers: int, seed: int = 0) -> torch.nn.Module:
@@ -61,7 +72,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
-    p.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="busy-loop processes for the loaded runs")
+    p.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="load processes for the loaded runs")
+    p.add_argument("--load", choices=sorted(LOADS), default="spin",
+                   help="what each load process runs: 'spin', a pure-Python busy loop; 'torch', another "
+                        "torch job (small matmuls on all cores, OpenMP's default waiting)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -70,14 +84,19 @@ def main() -> None:
     opt = fourbit.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     rows = []
     for busy in (0, args.busy):
-        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+        # The load runs with OpenMP's defaults whatever this process was given.
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        hogs = [subprocess.Popen([sys.executable, "-c", LOADS[args.load]], env=env) for _ in range(busy)]
         try:
             time.sleep(1.0 if busy else 0.0)
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 load = os.getloadavg()[0]
                 t = time_steps(model, opt, x, args.steps)
-                rows.append({"threads": threads, "busy_processes": busy, "loadavg_1min_before": round(load, 2),
+                rows.append({"threads": threads, "busy_processes": busy, "load": args.load,
+                             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                             "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+                             "loadavg_1min_before": round(load, 2),
                              "median_s_per_step": statistics.median(t), "min_s": min(t), "max_s": max(t)})
                 r = rows[-1]
                 print(f"threads={threads} busy={busy} load={load:.2f}: median {r['median_s_per_step']:.3f} s/step "

@@ -16,6 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# OpenMP's idle workers spin by default, which halves a 2-thread step on a CPU shared with
+# another job; a short spin keeps the quiet-machine speed (docs/BENCHMARKS.md, "Training step
+# under CPU load"). libgomp reads it at load time, so it must be in the environment.
+[ -n "${OMP_WAIT_POLICY:-}" ] || export GOMP_SPINCOUNT=${GOMP_SPINCOUNT:-1000}
 PY=${PYTHON:-python3}
 OUT=out/main
 MINILM=$("$PY" -c "from fourbit.cli.train import packaged_minilm; print(packaged_minilm() or '')")

@@ -33,9 +33,15 @@ __all__ += ["nn", "replace_linear", "prepare_model_for_kbit_training"]
 
 
 def __getattr__(name):
-    # fourbit.FourbitConfig needs transformers: imported (and registered with it) on first use.
+    # fourbit.FourbitConfig and fourbit.optimizer_cls_and_kwargs need transformers: imported
+    # (and registered with it) on first use. Together they make the two-line switch of a
+    # bitsandbytes QLoRA script (docs/transformers.md).
     if name == "FourbitConfig":
         from .integrations.hf_quantizer import FourbitConfig
 
         return FourbitConfig
+    if name == "optimizer_cls_and_kwargs":
+        from .integrations.trainer import optimizer_cls_and_kwargs
+
+        return optimizer_cls_and_kwargs
     raise AttributeError(f"module 'fourbit' has no attribute {name!r}")

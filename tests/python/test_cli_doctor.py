@@ -39,3 +39,14 @@ def test_gpu_checks_pass_on_a_gpu():
     checks = {c.name: c for c in doctor.gpu_checks()}
     assert checks["libcudart loads"].status == "PASS" and checks["cuBLAS loads"].status == "PASS"
     assert checks["fourbit kernels run on this GPU"].status == "PASS"
+
+
+def test_openmp_wait_check(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    warn = doctor.openmp_wait_check(threads=2, cores=2)
+    assert warn.status == "WARN" and "GOMP_SPINCOUNT=1000" in warn.fix and "2 threads on 2 cores" in warn.found
+    assert doctor.openmp_wait_check(threads=1, cores=2).status == "PASS"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    ok = doctor.openmp_wait_check(threads=2, cores=2)
+    assert ok.status == "PASS" and "GOMP_SPINCOUNT=1000" in ok.found

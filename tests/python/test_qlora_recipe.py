@@ -1,7 +1,7 @@
 """The standard QLoRA recipe, written for transformers + PEFT + TRL + bitsandbytes, run on
-fourbit with the changes docs/transformers.md lists (``import fourbit``, ``FourbitConfig`` in
-place of ``BitsAndBytesConfig``, the Trainer's ``optimizer_cls_and_kwargs``), on a tiny Llama
-built from a config (CPU):
+fourbit with the two changed lines docs/transformers.md lists (``from fourbit import
+FourbitConfig as BitsAndBytesConfig, optimizer_cls_and_kwargs``, and the Trainer's
+``optimizer_cls_and_kwargs``), on a tiny Llama built from a config (CPU):
 
 transformers' ``from_pretrained`` (device_map, attn_implementation, low_cpu_mem_usage), PEFT's
 ``prepare_model_for_kbit_training`` + LoRA on all seven projections, TRL's ``SFTTrainer`` with
@@ -45,20 +45,20 @@ def save_base(path, tokenizer):
 
 
 def run_recipe(workdir, steps=30):
-    """The recipe; returns what the tests check. The three lines that differ from the
+    """The recipe; returns what the tests check. The two lines that differ from the
     bitsandbytes recipe are marked ``# fourbit``."""
     import datasets
     import trl
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import fourbit  # fourbit
+    from fourbit import FourbitConfig as BitsAndBytesConfig, optimizer_cls_and_kwargs  # fourbit
 
     base = os.path.join(workdir, "base")
     save_base(base, char_tokenizer())
     tokenizer = AutoTokenizer.from_pretrained(base)
-    quant = fourbit.FourbitConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",  # fourbit (was BitsAndBytesConfig)
-                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",  # as written for bitsandbytes
+                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
 
     def load_base():
         return AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map="cpu",
@@ -75,7 +75,7 @@ def run_recipe(workdir, steps=30):
                          seed=0, dataloader_num_workers=0, disable_tqdm=True)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": SENTENCES * 16}),
                              processing_class=tokenizer,
-                             optimizer_cls_and_kwargs=fourbit.integrations.trainer.optimizer_cls_and_kwargs(args))  # fourbit
+                             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args))  # fourbit
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,25 @@ def cpu_checks() -> list[Check]:
     out.append(Check("CPU bf16 (AVX512_BF16)", "PASS" if bf16 else "WARN",
                      "avx512_bf16 present" if bf16 else "no avx512_bf16 flag",
                      "" if bf16 else "bf16 training on this CPU converts in software; prefer float32 compute"))
+    out.append(openmp_wait_check(torch.get_num_threads(), os.cpu_count() or 1))
     return out
+
+
+def openmp_wait_check(threads: int, cores: int) -> Check:
+    """OpenMP's idle workers spin by default; on a CPU shared with another job (another torch
+    process, a second training run) the spinning pools steal each other's time slices and a
+    2-thread step ran 2x slower than 1 thread (docs/BENCHMARKS.md, "Training step under CPU
+    load"). libgomp reads its wait settings when it loads, so they can only come from the
+    environment the process starts with: this check shows which is in force."""
+    policy, spin = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
+    if policy or spin:
+        found = ", ".join(f"{k}={v}" for k, v in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spin)) if v)
+        return Check("OpenMP idle wait", "PASS", found)
+    if threads <= 1:
+        return Check("OpenMP idle wait", "PASS", "default (spin); 1 thread, nothing to spin")
+    return Check("OpenMP idle wait", "WARN", f"default (spin), {threads} threads on {cores} cores",
+                 "on a CPU shared with other jobs start training with GOMP_SPINCOUNT=1000 "
+                 "(or OMP_WAIT_POLICY=passive) in the environment")
 
 
 def gpu_checks() -> list[Check]:
