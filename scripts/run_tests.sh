@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up, then runs every test: the C++ core under GoogleTest (plain and under
-# AddressSanitizer + UBSan), the installed-package consumer example, and pytest.
+# AddressSanitizer + UBSan), the CUDA kernel lint (where nvcc is), the libFuzzer target, the
+# installed-package consumer example, and pytest (the hypothesis fuzzers among it).
 # Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,21 @@ echo "== C++ core: the same, with the AVX-512 kernels (where the CPU has them)"
 ctest --test-dir build-ci/asan --output-on-failure
 
 echo "== C++ core: libFuzzer over validation and parsing, under ASan + UBSan (${FUZZ_SECONDS:=60} s)"
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+# clang with libFuzzer, its sanitizer runtimes and OpenMP, for the fuzz target (tests/fuzz);
+# installed here rather than in setup.sh, which the main job shares.
+if ! command -v clang++ >/dev/null 2>&1; then
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q clang
+fi
+clang_major=$(clang++ -dumpversion | cut -d. -f1)
+if ! [ -d "/usr/lib/llvm-$clang_major/lib/clang" ] || ! ls /usr/lib/llvm-"$clang_major"/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 \
+   || ! [ -e "/usr/lib/llvm-$clang_major/lib/libomp.so" ]; then
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q "libclang-rt-$clang_major-dev" "libomp-$clang_major-dev"
+fi
+
 CXX=clang++ cmake -S . -B build-ci/fuzz -G Ninja -DFOURBIT_CUDA=OFF -DFOURBIT_BUILD_TESTS=OFF \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFOURBIT_BUILD_FUZZERS=ON \
   -DFOURBIT_SANITIZE=address,undefined,fuzzer-no-link >/dev/null

@@ -15,18 +15,6 @@ if ! [ -f /usr/include/gtest/gtest.h ]; then
   $SUDO apt-get install -y -q libgtest-dev
 fi
 
-# clang with libFuzzer, its sanitizer runtimes and OpenMP, for the fuzz target (tests/fuzz).
-if ! command -v clang++ >/dev/null 2>&1; then
-  $SUDO apt-get update -q
-  $SUDO apt-get install -y -q clang
-fi
-clang_major=$(clang++ -dumpversion | cut -d. -f1)
-if ! [ -d "/usr/lib/llvm-$clang_major/lib/clang" ] || ! ls /usr/lib/llvm-"$clang_major"/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 \
-   || ! [ -e "/usr/lib/llvm-$clang_major/lib/libomp.so" ]; then
-  $SUDO apt-get update -q
-  $SUDO apt-get install -y -q "libclang-rt-$clang_major-dev" "libomp-$clang_major-dev"
-fi
-
 # torch: keep the one that is there (the GPU machine has its own); otherwise the CUDA
 # build of 2.14.1 (pip takes it from the local copy where one exists).
 if ! "$PY" -c "import torch" 2>/dev/null; then
