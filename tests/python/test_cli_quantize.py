@@ -97,3 +97,20 @@ def test_bad_inputs_fail_cleanly(sharded, tmp_path):
     result = run("quantize", broken, tmp_path / "out", expect=3)
     assert shard.name in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_an_index_naming_a_shard_outside_the_checkpoint_is_refused(sharded, tmp_path):
+    # The CLI reads shards through the loader's check (issue 17): ../elsewhere is never opened.
+    escaping = tmp_path / "escaping"
+    escaping.mkdir()
+    for f in sharded.iterdir():
+        (escaping / f.name).write_bytes(f.read_bytes())
+    index_path = escaping / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = "../float/llama/" + index["weight_map"][key]
+    index_path.write_text(json.dumps(index))
+    for args in (("quantize", escaping, tmp_path / "out"), ("inspect", escaping)):
+        out = run(*args, expect=3).output
+        assert "outside the checkpoint directory" in out and key in out
+    assert not (tmp_path / "out").exists()

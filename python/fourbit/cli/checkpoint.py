@@ -26,6 +26,12 @@ def shard_files(path: Path) -> tuple[list[str], Optional[dict]]:
             weight_map = index["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CliError(f"{path / INDEX}: not a safetensors index ({e})", EXIT_INPUT) from None
+        from fourbit.integrations.transformers import check_shard_names
+
+        try:
+            check_shard_names(str(path), weight_map)
+        except ValueError as e:
+            raise CliError(str(e), EXIT_INPUT) from None
         files = list(dict.fromkeys(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
@@ -53,13 +59,12 @@ def meta_model(path: Path):
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise CliError(f"{path}/config.json: transformers cannot read it ({e})", EXIT_INPUT) from None
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            break
-    else:
-        raise CliError(f"{path}/config.json: architectures {getattr(config, 'architectures', None)!r} names no "
-                       "transformers model class", EXIT_INPUT)
+    from fourbit.integrations.transformers import model_class_of
+
+    try:
+        cls = model_class_of(config)
+    except ValueError as e:
+        raise CliError(f"{path}/config.json: {e}", EXIT_INPUT) from None
     with torch.device("meta"):
         return cls._from_config(config)
 

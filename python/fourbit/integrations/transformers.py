@@ -200,7 +200,7 @@ class _Checkpoint:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
             files = sorted(set(weight_map.values()))
-            _check_shard_names(path, weight_map)
+            check_shard_names(path, weight_map)
         elif os.path.isfile(single):
             weight_map, files = None, [_SINGLE_FILE]
         else:
@@ -241,8 +241,9 @@ class _Checkpoint:
         return self.handles[self.file_of[key]].get_tensor(key)
 
 
-def _check_shard_names(path: str, weight_map: dict) -> None:
-    """Every shard an index names must be a file inside the checkpoint directory: an absolute
+def check_shard_names(path: str, weight_map: dict) -> None:
+    """Every shard an index names must be a file inside the checkpoint directory (checked for
+    every reader of checkpoint directories: this loader and the ``fourbit`` CLI): an absolute
     path or one that climbs out (``../elsewhere/x.safetensors``, a symlinked escape) would read
     tensors from anywhere on the machine."""
     root = os.path.realpath(path)
@@ -280,7 +281,7 @@ def _params_on_meta():
     return _Ctx()
 
 
-def _model_class(config, model_class):
+def model_class_of(config, model_class=None):
     if model_class is not None:
         if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
             raise ValueError(f"model_class must be a transformers PreTrainedModel class, got {model_class!r}")
@@ -426,7 +427,7 @@ def from_pretrained(path: Union[str, os.PathLike], quantization_config=None, *, 
         opts = user
     checkpoint = _Checkpoint(path)
     dtype = _resolve_dtype(dtype, torch_dtype, config, checkpoint)
-    cls = _model_class(config, model_class)
+    cls = model_class_of(config, model_class)
 
     with _params_on_meta():
         model = cls._from_config(config, dtype=dtype)
@@ -485,7 +486,7 @@ def _from_pretrained_by_transformers(path: str, quantization_config, options: di
             raise ValueError(f"pass device or device_map, not both (got device={device!r} and "
                              f"device_map={kwargs['device_map']!r})")
         kwargs["device_map"] = {"": torch.device(device)}
-    model = _model_class(config, model_class).from_pretrained(path, config=config, dtype=dtype, **kwargs)
+    model = model_class_of(config, model_class).from_pretrained(path, config=config, dtype=dtype, **kwargs)
     return model.eval()
 
 
