@@ -11,23 +11,21 @@ from typing import Optional
 
 import torch
 
+from ..integrations.shards import INDEX_FILE, check_shard_names
 from ._common import EXIT_INPUT, CliError
 
 SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 
 
 def shard_files(path: Path) -> tuple[list[str], Optional[dict]]:
     """(shard file names in order, the index dict or None) of a checkpoint directory."""
     path = Path(path)
-    if (path / INDEX).is_file():
+    if (path / INDEX_FILE).is_file():
         try:
-            index = json.loads((path / INDEX).read_text())
+            index = json.loads((path / INDEX_FILE).read_text())
             weight_map = index["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CliError(f"{path / INDEX}: not a safetensors index ({e})", EXIT_INPUT) from None
-        from fourbit.integrations.transformers import check_shard_names
-
+            raise CliError(f"{path / INDEX_FILE}: not a safetensors index ({e})", EXIT_INPUT) from None
         try:
             check_shard_names(str(path), weight_map)
         except ValueError as e:
@@ -35,11 +33,11 @@ def shard_files(path: Path) -> tuple[list[str], Optional[dict]]:
         files = list(dict.fromkeys(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
-            raise CliError(f"{path}: shard(s) {missing} listed in {INDEX} are missing", EXIT_INPUT)
+            raise CliError(f"{path}: shard(s) {missing} listed in {INDEX_FILE} are missing", EXIT_INPUT)
         return files, index
     if (path / SINGLE).is_file():
         return [SINGLE], None
-    raise CliError(f"{path}: no {SINGLE} or {INDEX} (only safetensors checkpoints are read)", EXIT_INPUT)
+    raise CliError(f"{path}: no {SINGLE} or {INDEX_FILE} (only safetensors checkpoints are read)", EXIT_INPUT)
 
 
 def read_config(path: Path) -> dict:
@@ -104,3 +102,24 @@ def open_shard(path: Path):
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
         raise CliError(f"{path}: not a readable safetensors file ({e})", EXIT_INPUT) from None
+
+
+def safetensors_header(path: Path) -> tuple[bytes, dict, int]:
+    """(raw header bytes with their 8-byte length, header dict, offset of the data section) of a
+    safetensors file, read and checked without touching the data; a corrupt or truncated file is a
+    CliError that names it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        n = int.from_bytes(raw_len, "little") if len(raw_len) == 8 else -1
+        if n <= 0 or n > size - 8:
+            raise CliError(f"{path}: not a safetensors file (header length {n}, file size {size})", EXIT_INPUT)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CliError(f"{path}: corrupt safetensors header ({e})", EXIT_INPUT) from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CliError(f"{path}: truncated ({size} bytes, the header describes {8 + n + end})", EXIT_INPUT)
+    return raw_len + raw, header, 8 + n

@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ..utils import unpack_tensor_to_dict
 from ._common import EXIT_INPUT, CliError, console, fmt_bytes
-from .checkpoint import shard_files
+from .checkpoint import safetensors_header, shard_files
 
 _QS = re.compile(r"^(?P<w>.+)\.quant_state\.bitsandbytes__(?P<qt>nf4|fp4)$")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8,
@@ -26,14 +27,7 @@ def _entries(files: list[Path]) -> dict[str, tuple[str, list[int], Path]]:
     """key -> (safetensors dtype, shape, file), from the headers."""
     out = {}
     for path in files:
-        try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or n > path.stat().st_size - 8:
-                    raise ValueError("bad header length")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError) as e:
-            raise CliError(f"{path}: not a safetensors file ({e})", EXIT_INPUT) from None
+        _, header, _ = safetensors_header(path)
         for key, meta in header.items():
             if key != "__metadata__":
                 out[key] = (meta["dtype"], meta["shape"], path)
@@ -92,7 +86,10 @@ def inspect_path(path: Path) -> dict:
         m = _QS.match(key)
         if m:
             raw = _read(file, key)
-            states[m["w"]] = json.loads(bytes(raw.tolist()).decode())
+            try:
+                states[m["w"]] = unpack_tensor_to_dict(raw)
+            except ValueError as e:
+                raise CliError(f"{file}: {key}: {e}", EXIT_INPUT) from None
     full = 0
     four_bit_keys = set()
     for w, st in states.items():

@@ -16,7 +16,7 @@ import torch
 
 from ._common import EXIT_INPUT, PeakRSS, CliError, atomic_dir, console, fmt_bytes, require_dir
 from .adapter import read_adapter, scaling
-from .checkpoint import key_to_module, read_config, shard_files
+from .checkpoint import key_to_module, read_config, safetensors_header, shard_files
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -24,27 +24,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 COPY_CHUNK = 2**20  # bytes per read/write when a tensor is copied unchanged
 
 
-def _header(path: Path) -> tuple[bytes, dict, int]:
-    """(raw header bytes, header dict, offset of the data section) of a safetensors file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        n = int.from_bytes(raw_len, "little") if len(raw_len) == 8 else -1
-        if n <= 0 or n > size - 8:
-            raise CliError(f"{path}: not a safetensors file (header length {n}, file size {size})", EXIT_INPUT)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CliError(f"{path}: corrupt safetensors header ({e})", EXIT_INPUT) from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise CliError(f"{path}: truncated ({size} bytes, the header describes {8 + n + end})", EXIT_INPUT)
-    return raw_len + raw, header, 8 + n
-
-
 def merge_shard(src: Path, dst: Path, layers: dict, cfg: dict, prefix: str, merged: set) -> None:
-    raw, header, data_start = _header(src)
+    raw, header, data_start = safetensors_header(src)
     modules = set(layers)
     entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
     with open(src, "rb") as fin, open(dst, "wb") as fout:

@@ -16,7 +16,7 @@ from rich.table import Table
 import fourbit.functional as F
 
 from ._common import EXIT_USAGE, PeakRSS, CliError, atomic_dir, console, fmt_bytes, require_dir
-from .checkpoint import (INDEX, key_to_module, linear_modules, matches, meta_model, open_shard, read_config,
+from .checkpoint import (INDEX_FILE, key_to_module, linear_modules, matches, meta_model, open_shard, read_config,
                          shard_files)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -105,13 +105,13 @@ def quantize_checkpoint(src: Path, dst: Path, *, quant_type: str, double_quant: 
     if missing:
         raise CliError(f"{src}: no weight entry for linear layer(s) {missing[:5]} in the checkpoint")
     if index is not None:
-        (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": total["out_bytes"]},
+        (dst / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total["out_bytes"]},
                                              "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
     opts = QuantOptions(quant_type, double_quant, DTYPES[compute_dtype], torch.uint8, tuple(kept))
     config["quantization_config"] = opts.to_bnb_dict()
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for item in sorted(Path(src).iterdir()):  # tokenizer, sentence-transformers files, ...
-        if item.name in ("config.json", INDEX) or item.name in files or item.suffix == ".safetensors":
+        if item.name in ("config.json", INDEX_FILE) or item.name in files or item.suffix == ".safetensors":
             continue
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, dst / item.name)
     return {"src": str(src), "quant_type": quant_type, "double_quant": double_quant, "blocksize": blocksize,

@@ -59,11 +59,11 @@ from ..nn.convert import _set_submodule
 from ..nn.linear import _COMPUTE_DTYPES, _QS_KEY_PREFIX, Linear4bit
 from ..nn.lora import LoraLinear4bit
 from ..nn.params import Params4bit, _check_quant_storage
+from .shards import INDEX_FILE, check_shard_names
 
 __all__ = ["from_pretrained", "save_pretrained", "QuantOptions"]
 
 _SINGLE_FILE = "model.safetensors"
-_INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # safetensors header dtype names -> torch dtypes (the float ones we read, plus what packs 4-bit codes).
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -189,7 +189,7 @@ class _Checkpoint:
     each tensor's shape and dtype from the headers."""
 
     def __init__(self, path: str):
-        index = os.path.join(path, _INDEX_FILE)
+        index = os.path.join(path, INDEX_FILE)
         single = os.path.join(path, _SINGLE_FILE)
         if os.path.isfile(index):
             try:
@@ -205,14 +205,14 @@ class _Checkpoint:
             weight_map, files = None, [_SINGLE_FILE]
         else:
             present = sorted(os.listdir(path))
-            raise FileNotFoundError(f"{path}: no {_SINGLE_FILE} or {_INDEX_FILE} (found {present}); fourbit loads "
+            raise FileNotFoundError(f"{path}: no {_SINGLE_FILE} or {INDEX_FILE} (found {present}); fourbit loads "
                                     "safetensors checkpoints only (save with safe_serialization=True)")
         self.handles = {}
         self.file_of: dict[str, str] = {}
         for name in files:
             full = os.path.join(path, name)
             if not os.path.isfile(full):
-                raise FileNotFoundError(f"{full}: listed in {_INDEX_FILE} but missing; the checkpoint is incomplete")
+                raise FileNotFoundError(f"{full}: listed in {INDEX_FILE} but missing; the checkpoint is incomplete")
             try:
                 handle = safe_open(full, framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
@@ -224,7 +224,7 @@ class _Checkpoint:
         if weight_map is not None:
             lost = sorted(k for k, name in weight_map.items() if self.file_of.get(k) != name)
             if lost:
-                raise ValueError(f"{path}: {len(lost)} tensor(s) listed in {_INDEX_FILE} are not in their shard, "
+                raise ValueError(f"{path}: {len(lost)} tensor(s) listed in {INDEX_FILE} are not in their shard, "
                                  f"e.g. {lost[:3]}; the checkpoint is truncated")
 
     def keys(self):
@@ -239,22 +239,6 @@ class _Checkpoint:
     def read(self, key: str) -> torch.Tensor:
         """One tensor, copied out of the mapped file."""
         return self.handles[self.file_of[key]].get_tensor(key)
-
-
-def check_shard_names(path: str, weight_map: dict) -> None:
-    """Every shard an index names must be a file inside the checkpoint directory (checked for
-    every reader of checkpoint directories: this loader and the ``fourbit`` CLI): an absolute
-    path or one that climbs out (``../elsewhere/x.safetensors``, a symlinked escape) would read
-    tensors from anywhere on the machine."""
-    root = os.path.realpath(path)
-    for key, name in weight_map.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{os.path.join(path, _INDEX_FILE)}: weight_map entry {key!r} names shard {name!r}, "
-                             "which is not a file name")
-        full = os.path.realpath(os.path.join(root, name))
-        if os.path.isabs(name) or os.path.commonpath([root, full]) != root:
-            raise ValueError(f"{os.path.join(path, _INDEX_FILE)}: weight_map entry {key!r} names shard {name!r}, "
-                             "which is outside the checkpoint directory; shards must be files inside it")
 
 
 # ---------------------------------------------------------------------------------------- model skeleton
