@@ -331,6 +331,28 @@ def test_accelerate_fsdp2_prepare(tmp_path):
     spawn(_accelerate_worker, 2, tmp_path, TIMEOUT)
 
 
+def test_torchrun_example(tmp_path):
+    """examples/fsdp_qlora.py under torchrun (2 CPU ranks, gloo): PEFT LoRA on a 4-bit Llama,
+    prepare_fsdp, fully_shard, PagedAdamW8bit steps, DCP save and reload."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(root, "examples", "fsdp_qlora.py"), "--steps", "2", "--layers", "2", "--hidden", "128",
+           "--out", str(tmp_path / "ckpt")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = run.stdout
+    assert "step 1: loss" in lines and "saved and reloaded" in lines, lines
+    for rank in (0, 1):
+        whole, here = [int(w) for w in lines.split(f"rank {rank}: 4-bit weights ")[1].split()[::3][:2]]
+        assert here <= -(-whole // 2) + 64, f"rank {rank} holds {here} of {whole} bytes"
+
+
 # ---------------------------------------------------------------------- single process
 @pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
 @pytest.mark.parametrize("nested", [True, False])
