@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import traceback
 
 import torch
@@ -41,9 +42,9 @@ def spawn(fn, world_size: int, tmp_path, timeout: float, *args) -> None:
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, tmp, args), daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
-    deadline = __import__("time").monotonic() + timeout
+    deadline = time.monotonic() + timeout
     for p in procs:
-        p.join(max(0.0, deadline - __import__("time").monotonic()))
+        p.join(max(0.0, deadline - time.monotonic()))
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():
