@@ -132,8 +132,8 @@ SCENARIOS = [
     dict(name="uint8 nested, even shapes, AdamW", shapes=(64, 128), optim="adamw"),
     dict(name="bf16 NaN-pattern bytes, odd shapes, no reshard, checkpointing, PagedAdamW", shapes=(35, 33),
          storage=torch.bfloat16, nested=False, nan_bytes=True, reshard=False, checkpoint=True, optim="paged_adamw"),
-    dict(name="CPU offload, odd shapes, bf16 storage nested", shapes=(35, 33), storage=torch.bfloat16,
-         nan_bytes=True, offload=True, optim="adamw", steps=2),
+    dict(name="CPU offload, checkpointing with reshard, odd shapes, bf16 storage nested", shapes=(35, 33),
+         storage=torch.bfloat16, nan_bytes=True, offload=True, checkpoint=True, optim="adamw", steps=2),
 ]
 MP_SCENARIO = dict(name="bf16 MixedPrecisionPolicy, AdamW8bit, NaN bytes", shapes=(35, 33), storage=torch.bfloat16,
                    nan_bytes=True, mp=True, optim="adamw8bit")

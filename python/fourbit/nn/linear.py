@@ -18,6 +18,10 @@ Differences from bitsandbytes, on purpose:
   loader; it needs ``Params4bit.from_prequantized``), checks every entry before changing
   anything, and reports a bad entry under its key.
 - A forward on a weight that was never quantized is an error that says what to call.
+
+For FSDP2, ``fourbit.integrations.distributed.prepare_fsdp`` turns the weight into one flat
+byte parameter (codes and QuantState); the forward then computes on zero-copy views of the
+gathered bytes (``_packed_weight``; docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class Linear4bit(nn.Linear):
     def __getstate__(self):
         state = dict(super().__getstate__())
         state["_gemm_cache"] = None  # rebuilt on the next call; never saved
+        state.pop("_flat_views", None)  # views of a prepare_fsdp flat weight: rebuilt likewise
         return state
 
     # ------------------------------------------------------------------ forward
