@@ -43,10 +43,10 @@ run_for() {
 
 # Budgets in seconds (sum 450 < 480).
 BUILD_S=200
-TESTS_S=95
+TESTS_S=90
 SANITIZER_S=45
-DIST_S=20
-BENCH_S=90
+DIST_S=30
+BENCH_S=85
 
 step "environment"
 { nvidia-smi; nvcc --version; "$PY" -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
