@@ -174,6 +174,8 @@ def _low_memory_load(rank, ws):
     if rank != 0:
         net.to_empty(device="cpu")
     set_model_state_dict(net, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with pytest.raises(RuntimeError, match="weight is still sharded"):  # a layer called outside its FSDP unit
+        net.blocks[0].up.base_layer(torch.randn(2, 35))
     local = net.blocks[0].up.base_layer.weight.to_local()
     assert local.numel() <= -(-flat_layout(net.blocks[0].up.base_layer).nbytes // ws), "weight not sharded"
     ref = make_net(35, 33, torch.bfloat16, nan_bytes=True)
