@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in ONE device call of at most 8 minutes: build for the card, the CUDA
-# tests (every kernel against its CPU twin), compute-sanitizer on a short set, and the
-# benchmarks side by side with bitsandbytes and torch. Logs, JSON and summary.txt go to $OUT
+# tests (every kernel against its CPU twin), compute-sanitizer on a short set, FSDP2 over a
+# 1-rank NCCL group (tests/python/test_distributed.py -m nccl), and the benchmarks side by
+# side with bitsandbytes and torch. Logs, JSON and summary.txt go to $OUT
 # (default ./gpu_out).
 #
 # Every stage runs under its own `timeout` (seconds, below); the budgets add up to 450 s
@@ -10,11 +11,11 @@
 #
 # On the lent GPU machine (no network): carry a bitsandbytes wheel in .whl/ (see
 # docs/BENCHMARKS.md for the pip download line) and run `bash scripts/gpu_check.sh`.
-# STAGES picks parts (default "tests sanitizer bench"); FULL=1 runs the whole pytest suite
+# STAGES picks parts (default "tests sanitizer dist bench"); FULL=1 runs the whole pytest suite
 # and the full benchmark grids instead of the short forms (that does not fit 8 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${STAGES:-"tests sanitizer bench"}
+STAGES=${STAGES:-"tests sanitizer dist bench"}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -42,9 +43,10 @@ run_for() {
 
 # Budgets in seconds (sum 450 < 480).
 BUILD_S=200
-TESTS_S=110
-SANITIZER_S=50
-BENCH_S=90
+TESTS_S=90
+SANITIZER_S=45
+DIST_S=30
+BENCH_S=85
 
 step "environment"
 { nvidia-smi; nvcc --version; "$PY" -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
@@ -67,7 +69,7 @@ fi
 
 if want tests; then
   step "pytest: the CUDA tests (each kernel against its CPU twin)"
-  if [ "$FULL" = 1 ]; then sel=(); else sel=(-m cuda); fi
+  if [ "$FULL" = 1 ]; then sel=(-m "not nccl"); else sel=(-m "cuda and not nccl"); fi
   run_for $TESTS_S "$OUT/pytest.log" "$PY" -m pytest tests/python -q -rs -p no:cacheprovider "${sel[@]}"
   tail -n 5 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
 fi
@@ -83,6 +85,12 @@ if want sanitizer; then
   else
     echo "compute-sanitizer not found" | tee -a "$OUT/summary.txt"
   fi
+fi
+
+if want dist; then
+  step "FSDP2 on a 1-rank NCCL group: 4-bit bytes gathered intact, forward, paged 8-bit step"
+  run_for $DIST_S "$OUT/dist.log" "$PY" -m pytest tests/python/test_distributed.py -q -rs -p no:cacheprovider -m nccl
+  tail -n 3 "$OUT/dist.log" | tee -a "$OUT/summary.txt"
 fi
 
 if want bench; then

@@ -10,12 +10,14 @@
   is transformers' own loader building fourbit layers (``fourbit.FourbitConfig`` imports it).
 - ``fourbit.integrations.trainer``: ``optimizer_cls_and_kwargs(args)``, fourbit's optimizer for
   a ``TrainingArguments.optim`` name, for the Trainer's ``optimizer_cls_and_kwargs`` argument.
+- ``fourbit.integrations.distributed``: ``prepare_fsdp(model)`` before FSDP2's ``fully_shard``
+  (the 4-bit weights and their quantization state sharded as bytes); docs/distributed.md.
 """
 
 
 def __getattr__(name):
     # fourbit.integrations.<name> after a plain ``import fourbit``: each submodule on first use.
-    if name in ("peft", "transformers", "trainer", "hf_quantizer"):
+    if name in ("peft", "transformers", "trainer", "hf_quantizer", "distributed"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -18,6 +18,10 @@ Differences from bitsandbytes, on purpose:
   loader; it needs ``Params4bit.from_prequantized``), checks every entry before changing
   anything, and reports a bad entry under its key.
 - A forward on a weight that was never quantized is an error that says what to call.
+
+For FSDP2, ``fourbit.integrations.distributed.prepare_fsdp`` turns the weight into one flat
+byte parameter (codes and QuantState); the forward then computes on zero-copy views of the
+gathered bytes (``_packed_weight``; docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class Linear4bit(nn.Linear):
     def __getstate__(self):
         state = dict(super().__getstate__())
         state["_gemm_cache"] = None  # rebuilt on the next call; never saved
+        state.pop("_flat_views", None)  # views of a prepare_fsdp flat weight: rebuilt likewise
         return state
 
     # ------------------------------------------------------------------ forward
@@ -127,15 +132,27 @@ class Linear4bit(nn.Linear):
                                f"[{self.out_features}, {self.in_features}]")
         return F._weight_args(None, quant_state)[1:]
 
-    def _gemm_inputs(self, x: torch.Tensor):
-        """What a forward hands to the fused op: (x cast to the compute dtype, the input's
-        dtype, gemm_4bit's weight arguments after W, the bias in the compute dtype or None).
-        Shared with ``LoraLinear4bit``, whose base product is this layer's."""
+    def _packed_weight(self) -> tuple:
+        """(packed codes, QuantState) the forward computes with: the Params4bit and its state,
+        or, after ``fourbit.integrations.distributed.prepare_fsdp``, zero-copy views of the
+        flat byte parameter that FSDP2 has all-gathered."""
         weight = self.weight
         quant_state = getattr(weight, "quant_state", None)
-        if quant_state is None:
+        if quant_state is not None:
+            return weight, quant_state
+        layout = self.__dict__.get("_flat_layout")
+        if layout is None:
             raise RuntimeError("Linear4bit weight is not quantized yet: call .cuda(), .to(device), .cpu() or "
                                ".quantize() first, or load a quantized state_dict")
+        from ..integrations.distributed import flat_weight_views
+        return flat_weight_views(self, layout)
+
+    def _gemm_inputs(self, x: torch.Tensor):
+        """What a forward hands to the fused op: (x cast to the compute dtype, the input's
+        dtype, the packed weight, gemm_4bit's weight arguments after W, the bias in the
+        compute dtype or None). Shared with ``LoraLinear4bit``, whose base product is this
+        layer's."""
+        weight, quant_state = self._packed_weight()
         if torch.compiler.is_compiling():
             args = self._weight_args(quant_state)  # traced once, so free at run time
         else:
@@ -154,11 +171,11 @@ class Linear4bit(nn.Linear):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return x, inp_dtype, args, bias
+        return x, inp_dtype, weight, args, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, inp_dtype, args, bias = self._gemm_inputs(x)
-        out = _ops.gemm_4bit(x, self.weight, args[0], args[1], args[2], args[3], bias, *args[4:], "auto")
+        x, inp_dtype, weight, args, bias = self._gemm_inputs(x)
+        out = _ops.gemm_4bit(x, weight, args[0], args[1], args[2], args[3], bias, *args[4:], "auto")
         return out if out.dtype == inp_dtype else out.to(inp_dtype)
 
     # ------------------------------------------------------------------ checkpoints
@@ -182,6 +199,12 @@ class Linear4bit(nn.Linear):
         wkey = prefix + "weight"
         qs_entries = {k[len(wkey) + 1:]: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
         weight = self.weight
+        if qs_entries and self.__dict__.get("_flat_layout") is not None:
+            error_msgs.append(f"{wkey}: this Linear4bit is prepared for FSDP (its weight is one flat byte "
+                              "parameter), but the state_dict holds bitsandbytes-format entries "
+                              f"{sorted(wkey + '.' + k for k in qs_entries)[:3]}...; load them before "
+                              "fourbit.integrations.distributed.prepare_fsdp")
+            return
         if not qs_entries:
             if wkey in state_dict and isinstance(weight, Params4bit) and weight.bnb_quantized:
                 value = state_dict[wkey]
@@ -305,8 +328,14 @@ class Linear4bit(nn.Linear):
 
     def extra_repr(self) -> str:
         qs = self.quant_state
-        kind = self.weight.quant_type
-        state = "not quantized" if qs is None else f"{kind}, blocksize={qs.blocksize}, nested={qs.nested}"
+        layout = self.__dict__.get("_flat_layout")
+        if layout is not None:
+            state = (f"{layout.quant_type}, blocksize={layout.blocksize}, nested={layout.nested}, "
+                     f"flat for FSDP ({layout.nbytes} bytes)")
+        elif qs is None:
+            state = "not quantized"
+        else:
+            state = f"{self.weight.quant_type}, blocksize={qs.blocksize}, nested={qs.nested}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"{state}, compute_dtype={self.compute_dtype}")
 

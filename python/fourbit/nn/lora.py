@@ -41,11 +41,11 @@ def lora_linear_4bit_forward(base: Linear4bit, x: torch.Tensor, lora_A: torch.Te
     (their gradients come back in their own dtype), dropout on the adapter's input only.
     Shared by ``LoraLinear4bit`` and the PEFT layer (``fourbit.integrations.peft``)."""
     x_lora = dropout(x) if training and isinstance(dropout, nn.Dropout) else None
-    x, inp_dtype, args, bias = base._gemm_inputs(x)
+    x, inp_dtype, weight, args, bias = base._gemm_inputs(x)
     dtype = x.dtype
     if x_lora is not None:
         x_lora = x_lora.to(dtype)
-    out = F._lora_4bit(x, base.weight, args, lora_A.to(dtype), lora_B.to(dtype), scaling, bias, x_lora)
+    out = F._lora_4bit(x, weight, args, lora_A.to(dtype), lora_B.to(dtype), scaling, bias, x_lora)
     return out if out.dtype == inp_dtype else out.to(inp_dtype)
 
 

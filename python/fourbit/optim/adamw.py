@@ -15,6 +15,10 @@ bitsandbytes 0.50 does, so state dicts move both ways between the libraries;
 ``load_state_dict`` also accepts unwrapped dicts and torch.optim.AdamW's (exp_avg,
 exp_avg_sq, tensor step: loaded as 32-bit states).
 
+Sharded parameters (DTensors, as FSDP2 makes them) step on their local shards; their
+states are DTensors placed like the parameter (8-bit states: blockwise over the local
+shard, carried in state dicts as fp32 DTensors so that they reshard; see _sharded.py).
+
 Paged optimizers allocate the states of tensors with at least ``PAGED_MIN_NUMEL`` elements from
 the page manager (fourbit.optim.paging): CUDA managed memory prefetched before each step, or
 plain host memory on the CPU. Paging never changes results.
@@ -30,7 +34,7 @@ from itertools import chain
 import torch
 
 from .. import functional as F
-from . import paging
+from . import _sharded, paging
 from .manager import GlobalOptimManager
 
 BLOCKSIZE = 256
@@ -138,18 +142,19 @@ class _AdamWBase(torch.optim.Optimizer):
         if not p.is_contiguous():
             p.data = p.data.contiguous()
         state["step"] = 0
-        if self._uses_8bit(p):
-            blocks = (p.numel() + BLOCKSIZE - 1) // BLOCKSIZE
-            qmap1, qmap2 = self._qmap(p.device)
-            state["state1"] = self._buffer(p, torch.uint8)
-            state["state2"] = self._buffer(p, torch.uint8)
+        lp = _sharded.local(p)  # the local shard of a DTensor parameter (whole p otherwise)
+        if self._uses_8bit(p):  # decided on the whole parameter, so every rank agrees
+            blocks = (lp.numel() + BLOCKSIZE - 1) // BLOCKSIZE
+            qmap1, qmap2 = self._qmap(lp.device)
+            state["state1"] = _sharded.like(p, self._buffer(lp, torch.uint8))
+            state["state2"] = _sharded.like(p, self._buffer(lp, torch.uint8))
             state["qmap1"], state["qmap2"] = qmap1, qmap2
-            state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
-            state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+            state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=lp.device)
+            state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=lp.device)
             # All-zero codes with absmax 0 decode to 0 (as bitsandbytes initialises them).
         else:
-            state["state1"] = self._buffer(p, torch.float32)
-            state["state2"] = self._buffer(p, torch.float32)
+            state["state1"] = _sharded.like(p, self._buffer(lp, torch.float32))
+            state["state2"] = _sharded.like(p, self._buffer(lp, torch.float32))
 
     def _states(self):
         for group in self.param_groups:
@@ -162,13 +167,13 @@ class _AdamWBase(torch.optim.Optimizer):
         """Prefetches every paged state to its parameter's GPU (done by step() itself)."""
         for p, st in self._states():
             if p.is_cuda:
-                paging.prefetch([st["state1"], st["state2"]], p.device)
+                paging.prefetch([_sharded.local(st["state1"]), _sharded.local(st["state2"])], p.device)
 
     def evict_states(self):
         """Moves every paged CUDA state to the host (what memory pressure would do)."""
         for p, st in self._states():
             if p.is_cuda:
-                paging.evict([st["state1"], st["state2"]])
+                paging.evict([_sharded.local(st["state1"]), _sharded.local(st["state2"])])
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -190,10 +195,11 @@ class _AdamWBase(torch.optim.Optimizer):
                     self._init_state(p, state)
                 state["step"] += 1
                 ps, gs, s1, s2, a1, a2, steps = by_device[p.device]
-                ps.append(p)
-                gs.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-                s1.append(state["state1"])
-                s2.append(state["state2"])
+                grad = _sharded.local(p.grad)
+                ps.append(_sharded.local(p))
+                gs.append(grad if grad.is_contiguous() else grad.contiguous())
+                s1.append(_sharded.local(state["state1"]))
+                s2.append(_sharded.local(state["state2"]))
                 if state["state1"].dtype == torch.uint8:
                     a1.append(state["absmax1"])
                     a2.append(state["absmax2"])
@@ -215,9 +221,18 @@ class _AdamWBase(torch.optim.Optimizer):
         """torch's state dict with bitsandbytes' layout: tensor entries wrapped under
         ``__bnb_optimizer_quant_state__`` (what bitsandbytes 0.50 writes)."""
         sd = super().state_dict()
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         wrapped = {}
         for k, v in sd["state"].items():
             v = dict(v)
+            p = params[k] if isinstance(k, int) and k < len(params) else None
+            if p is not None and _sharded.is_dtensor(p) and v["state1"].dtype == torch.uint8:
+                # 8-bit states of a shard: codes and per-element scales, which reshard (_sharded.py).
+                for i in (1, 2):
+                    codes = _sharded.local(v[f"state{i}"])
+                    v[f"scale{i}"] = _sharded.like(p, _sharded.to_scale(codes, v.pop(f"absmax{i}")))
+                    v.pop(f"qmap{i}")
+                v[_sharded.QBITS_KEY] = 8
             inner = {key: v.pop(key) for key in _TENSOR_KEYS if key in v}
             if inner:
                 v[_WRAP_KEY] = inner
@@ -285,6 +300,14 @@ class _AdamWBase(torch.optim.Optimizer):
             if not isinstance(inner, Mapping):
                 raise ValueError(f"{_WRAP_KEY} of parameter {key} must be a dict, got {type(inner).__name__}")
             saved.update(inner)
+        qbits = saved.pop(_sharded.QBITS_KEY, None)
+        if qbits not in (None, 8):
+            raise ValueError(f"{_sharded.QBITS_KEY} of parameter {key} must be 8 (or absent), got {qbits!r}")
+        if _sharded.is_dtensor(p):
+            return self._load_sharded_state(p, key, saved, qbits)
+        if qbits is not None:
+            raise ValueError(f"state of parameter {key} holds sharded 8-bit states ({_sharded.QBITS_KEY}=8), "
+                             "but the parameter is not a DTensor; load it into the sharded (FSDP) model")
         if "exp_avg" in saved or "exp_avg_sq" in saved:  # torch.optim.AdamW
             for k in ("exp_avg", "exp_avg_sq"):
                 if k not in saved:
@@ -342,6 +365,39 @@ class _AdamWBase(torch.optim.Optimizer):
             buf = self._buffer(p, dtype)
             buf.copy_(t.detach().reshape(p.shape).to(dtype))
             out[name] = buf
+        return out
+
+
+    def _load_sharded_state(self, p, key, saved, qbits):
+        """A DTensor parameter's state: DTensor entries become local shards, 8-bit states
+        saved as fp32 (``qbits``) are re-quantized over this rank's shard, then the usual
+        checks and copies run on the local shard and the states are wrapped back."""
+        lp = _sharded.local(p)
+        for name in ("state1", "state2", "scale1", "scale2"):
+            t = saved.get(name)
+            if isinstance(t, torch.Tensor) and _sharded.is_dtensor(t):
+                if t.shape != p.shape or t.placements != p.placements:
+                    raise ValueError(f"{name} of parameter {key} is a DTensor {list(t.shape)} placed {t.placements}, "
+                                     f"but the parameter is {list(p.shape)} placed {p.placements}")
+                saved[name] = _sharded.local(t)
+            elif isinstance(t, torch.Tensor) and t.shape == p.shape and t.shape != lp.shape:
+                raise ValueError(f"{name} of parameter {key} is a whole (unsharded) tensor; a sharded parameter "
+                                 "needs a DTensor state (load through torch.distributed.checkpoint)")
+        if qbits == 8:
+            qmap1, qmap2 = self._qmap(lp.device)
+            for i, qmap in ((1, qmap1), (2, qmap2)):
+                codes, scale = saved.get(f"state{i}"), saved.pop(f"scale{i}", None)
+                for name, t, dtype in ((f"state{i}", codes, torch.uint8), (f"scale{i}", scale, torch.float32)):
+                    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != lp.shape:
+                        raise ValueError(f"{name} of parameter {key} must be a {dtype} tensor shaped like the local "
+                                         f"shard {list(lp.shape)} when {_sharded.QBITS_KEY}=8, got "
+                                         f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
+                                         f"{list(t.shape) if isinstance(t, torch.Tensor) else ''}")
+                saved[f"state{i}"], saved[f"absmax{i}"] = _sharded.from_scale(codes.to(lp.device),
+                                                                              scale.to(lp.device), qmap)
+        out = self._load_param_state(lp, key, saved)
+        out["state1"] = _sharded.like(p, out["state1"])
+        out["state2"] = _sharded.like(p, out["state2"])
         return out
 
 
