@@ -64,6 +64,35 @@ TiledPlan plan_tiled(int64_t M, int64_t cols, int64_t max_ctas) {
   return p;
 }
 
+FusedPlan plan_fused(int64_t M, int64_t N, int64_t K, int sm_count) {
+  FOURBIT_CHECK_ARG(M >= 0 && N >= 0, "plan_fused: M and N must be >= 0, got ", M, ", ", N);
+  FOURBIT_CHECK_ARG(K > 0 && K % kFusedTileK == 0, "plan_fused: K must be a positive multiple of ",
+                    kFusedTileK, ", got ", K);
+  FOURBIT_CHECK_ARG(sm_count > 0, "plan_fused: sm_count must be > 0, got ", sm_count);
+  FusedPlan p;
+  p.small = M <= kFusedSmallMaxM;
+  p.tile_m = p.small ? kFusedSmallTileM : kFusedLargeTileM;
+  p.tile_n = p.small ? kFusedSmallTileN : kFusedLargeTileN;
+  p.row_tiles = ceil_div(M, p.tile_m);
+  p.col_tiles = ceil_div(N, p.tile_n);
+  FOURBIT_CHECK_ARG(p.col_tiles <= kMaxGridX, "plan_fused: N = ", N, " needs too many column tiles");
+  p.k_stages = K / kFusedTileK;
+  const int64_t tiles = p.row_tiles * p.col_tiles;
+  const int64_t want = kFusedWavesTarget * sm_count;
+  int64_t splits = 1;
+  if (tiles > 0 && tiles < want) {
+    splits = std::min({ceil_div(want, tiles), kFusedMaxSplits,
+                       std::max<int64_t>(p.k_stages / kFusedMinStagesPerSplit, 1)});
+  }
+  p.stages_per_split = ceil_div(p.k_stages, splits);
+  p.splits = ceil_div(p.k_stages, p.stages_per_split);  // no empty split
+  p.workspace_bytes = p.splits > 1 ? p.splits * M * N * 4 : 0;
+  p.grid.x = static_cast<uint32_t>(std::max<int64_t>(p.col_tiles, 1));
+  p.grid.y = static_cast<uint32_t>(std::max<int64_t>(std::min(p.row_tiles, kMaxGridY), 1));
+  p.grid_z = static_cast<uint32_t>(p.splits);
+  return p;
+}
+
 bool tensor_cores_usable(DType dtype, int compute_capability) {
   return dtype != DType::Float32 && compute_capability >= 80;
 }
