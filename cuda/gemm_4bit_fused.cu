@@ -49,7 +49,13 @@ constexpr int kALd = kTileK + 8;
 // puts two blocks in a 64-deep stage; larger blocksizes load the same row twice).
 constexpr int kScaleRows = 2;
 constexpr int kNestedCodeSize = 256;  // the nested absmax's 8-bit dynamic map
+// Minimum CTAs per SM for the GEMM kernels' __launch_bounds__: without it ptxas aims at 128
+// registers and spills a few bytes; with it the register budget is 255 and nothing spills.
+constexpr int kMinCtasPerSm = 2;
 constexpr int kReduceThreads = 256;   // split-K reduction: one output element per thread
+// Dynamic shared memory a CTA may ask for: above the 48 KB default the launcher opts in
+// (cudaFuncAttributeMaxDynamicSharedMemorySize); 96 KB leaves two CTAs per SM on sm80.
+constexpr int kMaxDynamicSmem = 96 * 1024;
 
 template <int kWarpsM, int kWarpsN, int kMFrags>
 struct Tile {
@@ -63,7 +69,7 @@ struct Tile {
   static constexpr int kSmemBytes = kStages * kStageBytes;
   static_assert(kWarpsM * kWarpsN * 32 == kThreads, "4 warps per CTA");
   static_assert(kABytes % 16 == 0 && kWBytes % 16 == 0, "16-byte aligned stage parts");
-  static_assert(kSmemBytes <= 48 * 1024, "fits the default dynamic shared memory limit");
+  static_assert(kSmemBytes <= kMaxDynamicSmem, "fits the opt-in dynamic shared memory of sm80");
 };
 using SmallTile = Tile<1, 4, 1>;  // 16 x 128: decode-sized M
 using LargeTile = Tile<2, 2, 2>;  // 64 x 64
@@ -154,7 +160,7 @@ __device__ __forceinline__ float stage_scale(const FusedArgs<T>& args, const uns
 }
 
 template <typename T, typename Tl, bool kNested>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     fused_4bit_kernel(FusedArgs<T> args, Codebook4bit code) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float lut[kCodebook4bitSize];
@@ -279,14 +285,216 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---------------------------------------------------------------- input gradient
+//
+// dX[M, K] = dY[M, N] @ deq(W) on the same fragments. A warp owns one 64-deep fragment column
+// kt (64 output columns k) and 16 kMF rows; a stage reduces over 64 rows n of W: the dY slice
+// [rows][n0, n0 + 64) by cp.async + ldmatrix, and the warp's four fragment tiles (kt, nt..nt+3).
+// Decoded exactly as in the forward, each 8 x 8 (n x k) register is transposed by movmatrix
+// into the B fragment of B(n, k) = W[n][k]: output k8 block q = 2 word + r takes
+// b0 = trans(reg(j = 0, r)), b1 = trans(reg(j = 1, r)) (emulated in test_fragment_layout.cpp).
+
+template <int kWarpsM, int kWarpsN, int kMFrags>
+struct GradTile {
+  static constexpr int kWarpsNv = kWarpsN, kMFragsv = kMFrags;
+  static constexpr int kM = 16 * kMFrags * kWarpsM;
+  static constexpr int kN = frag::kTileK * kWarpsN;             // output columns (k)
+  static constexpr int kNTilesPerStage = kTileK / frag::kTileN;  // 4 fragment tiles deep in n
+  static constexpr int kABytes = kM * kALd * 2;
+  static constexpr int kWBytes = kWarpsN * kNTilesPerStage * frag::kTileBytes;
+  static constexpr int kSBytes = kScaleRows * kWarpsN * kTileK * 4;  // [warp col][row][64 n] fp32
+  static constexpr int kStageBytes = kABytes + kWBytes + kSBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes;
+  static_assert(kWarpsM * kWarpsN * 32 == kThreads, "4 warps per CTA");
+  static_assert(kSmemBytes <= kMaxDynamicSmem, "fits the opt-in dynamic shared memory of sm80");
+};
+using GradSmallTile = GradTile<1, 4, 1>;  // 16 x 256
+using GradLargeTile = GradTile<2, 2, 2>;  // 64 x 128
+static_assert(GradSmallTile::kN == plan::kFusedGradSmallTileN && GradLargeTile::kN == plan::kFusedGradLargeTileN,
+              "launch plan and kernel agree on the gradient tiles");
+
+// Stage st: dY[m0.., 64 st ..] and, per warp column w, tiles (kt0 + w, 4 st + i) and their
+// scales (rows kb of k offsets 0 and 32 of that fragment column, 64 n each).
+template <typename T, typename Tl, bool kNested>
+__device__ __forceinline__ void load_stage_grad(const FusedArgs<T>& args, int64_t m0, int64_t kt0,
+                                                int64_t st, unsigned char* slot, uint64_t policy) {
+  const int64_t nbase = st * kTileK;
+  T* a_s = reinterpret_cast<T*>(slot);
+  unsigned char* w_s = slot + Tl::kABytes;
+  unsigned char* s_s = w_s + Tl::kWBytes;
+  constexpr int kAChunks = Tl::kM * (kTileK / 8);
+  static_assert(kAChunks % kThreads == 0, "whole passes over the dY chunks");
+#pragma unroll
+  for (int i = 0; i < kAChunks / kThreads; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    const int r = c >> 3, ch = c & 7;
+    const int64_t m = m0 + r, n = nbase + ch * 8;
+    const bool valid = m < args.M && n < args.N;  // N % 8 == 0: a chunk is all in or all out
+    cp_async_16(a_s + r * kALd + ch * 8, args.x + (valid ? m * args.N + n : 0), valid);
+  }
+  constexpr int kWChunks = Tl::kWarpsNv * Tl::kNTilesPerStage * frag::kLanes;
+  static_assert(kWChunks % kThreads == 0, "whole passes over the weight chunks");
+#pragma unroll
+  for (int i = 0; i < kWChunks / kThreads; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    const int t = c >> 5, ch = c & 31;
+    const int w = t >> 2, tn = t & 3;  // warp column, tile in n
+    const int64_t kt = kt0 + w, nt = st * Tl::kNTilesPerStage + tn;
+    const bool valid = nt < args.n_tiles && (kt << 6) < args.K;
+    const uint8_t* src = args.frag + ((valid ? kt * args.n_tiles + nt : 0) * frag::kTileBytes + ch * 16);
+    cp_async_16_hint(w_s + t * frag::kTileBytes + ch * 16, src, valid, policy);
+  }
+  constexpr int esize_shift = kNested ? 0 : 2;
+  constexpr int per_row = (kTileK << esize_shift) >> 4;  // 16-byte chunks per 64-entry row
+  constexpr int kSChunks = Tl::kWarpsNv * kScaleRows * per_row;
+#pragma unroll
+  for (int i = 0; i < (kSChunks + kThreads - 1) / kThreads; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    if (kSChunks % kThreads != 0 && c >= kSChunks) break;
+    const int row = c / per_row, ch = c % per_row;  // compile-time divisor
+    const int w = row >> 1, r = row & 1;
+    const int64_t kt = kt0 + w;
+    const int64_t kb = ((kt << 6) + 32 * r) >> args.block_shift;
+    const int64_t n = nbase + ((ch * 16) >> esize_shift);
+    const bool valid = n < args.n_pad && (kt << 6) < args.K;
+    const unsigned char* base = kNested ? args.absmax_q : reinterpret_cast<const unsigned char*>(args.absmax);
+    const int64_t index = valid ? (kb * args.n_pad + n) : 0;
+    cp_async_16(s_s + ((row * kTileK) << esize_shift) + ch * 16, base + (index << esize_shift), valid);
+  }
+}
+
+template <typename T, typename Tl, bool kNested>
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
+    fused_4bit_grad_input_kernel(FusedArgs<T> args, Codebook4bit code) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float lut[kCodebook4bitSize];
+  __shared__ float nested_code[kNestedCodeSize];
+  if (kNested) {
+    for (int i = threadIdx.x; i < kNestedCodeSize; i += kThreads) nested_code[i] = args.nested_code[i];
+  }
+  load_codebook(code, lut);
+  const float offset = kNested ? __ldg(args.offset) : 0.0f;
+  const uint64_t policy = l2_evict_first_policy();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wm = warp / Tl::kWarpsNv, wn = warp % Tl::kWarpsNv;
+  constexpr int kMF = Tl::kMFragsv;
+  const int64_t kt0 = static_cast<int64_t>(blockIdx.x) * Tl::kWarpsNv;  // first fragment column
+  const int64_t kt = kt0 + wn;
+  const int64_t s_begin = static_cast<int64_t>(blockIdx.z) * args.stages_per_split;
+  const int64_t s_end = min(s_begin + args.stages_per_split, args.k_stages);
+  const int64_t steps = s_end - s_begin;
+  const mma::Coord la = mma::a_ldsm(lane);
+  constexpr int esize_shift = kNested ? 0 : 2;
+
+  for (int64_t rt = blockIdx.y; rt < args.row_tiles; rt += gridDim.y) {
+    const int64_t m0 = rt * Tl::kM;
+    float acc[kMF][8][4];
+#pragma unroll
+    for (int f = 0; f < kMF; ++f)
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[f][q][r] = 0.0f;
+
+#pragma unroll 1
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < steps) load_stage_grad<T, Tl, kNested>(args, m0, kt0, s_begin + s, smem + s * Tl::kStageBytes, policy);
+      cp_async_commit();
+    }
+    int read_slot = 0, write_slot = kStages - 1;
+    for (int64_t it = 0; it < steps; ++it) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      if (it + kStages - 1 < steps) {
+        load_stage_grad<T, Tl, kNested>(args, m0, kt0, s_begin + it + kStages - 1,
+                                        smem + write_slot * Tl::kStageBytes, policy);
+      }
+      cp_async_commit();
+
+      const unsigned char* slot = smem + read_slot * Tl::kStageBytes;
+      const T* a_s = reinterpret_cast<const T*>(slot);
+      const unsigned char* w_s = slot + Tl::kABytes;
+      const unsigned char* s_s = w_s + Tl::kWBytes;
+      const int64_t nbase = (s_begin + it) * kTileK;
+#pragma unroll
+      for (int tn = 0; tn < Tl::kNTilesPerStage; ++tn) {
+        // Scales of this lane's two rows n (j = 0, 1) for the two scale rows r.
+        float sc[kScaleRows][2];
+#pragma unroll
+        for (int r = 0; r < kScaleRows; ++r) {
+          const int64_t kb = ((kt << 6) + 32 * r) >> args.block_shift;
+          const unsigned char* s_row = s_s + (((wn * kScaleRows + r) * kTileK) << esize_shift);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int n_local = tn * 16 + 8 * j + (lane >> 2);
+            sc[r][j] = stage_scale<T, kNested>(args, s_row, n_local, nbase + n_local, kb, nested_code, offset);
+          }
+        }
+        uint32_t a[kMF][4];
+#pragma unroll
+        for (int f = 0; f < kMF; ++f) {
+          ldsm_x4(a[f], a_s + (wm * 16 * kMF + f * 16 + la.row) * kALd + tn * 16 + la.col);
+        }
+        const uint4 wv = *reinterpret_cast<const uint4*>(
+            w_s + (wn * Tl::kNTilesPerStage + tn) * frag::kTileBytes + lane * frag::kLaneBytes);
+#pragma unroll
+        for (int word = 0; word < frag::kWordsPerLane; ++word) {
+          const uint32_t bits = word == 0 ? wv.x : word == 1 ? wv.y : word == 2 ? wv.z : wv.w;
+          uint32_t reg[2][2];  // [j][r]: 8 x 8 (n x k) blocks in the forward's B order
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float v[4];
+            frag::decode_word(bits, j, lut, sc[word >> 1][j], v);
+            reg[j][0] = pack2<T>(v[0], v[1]);
+            reg[j][1] = pack2<T>(v[2], v[3]);
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint32_t b[2] = {movmatrix_trans(reg[0][r]), movmatrix_trans(reg[1][r])};
+#pragma unroll
+            for (int f = 0; f < kMF; ++f) mma_16816<T>(acc[f][2 * word + r], a[f], b);
+          }
+        }
+      }
+      read_slot = read_slot == kStages - 1 ? 0 : read_slot + 1;
+      write_slot = write_slot == kStages - 1 ? 0 : write_slot + 1;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+#pragma unroll
+    for (int f = 0; f < kMF; ++f)
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const mma::Coord o = mma::acc(lane, r);
+          const int64_t m = m0 + wm * 16 * kMF + f * 16 + o.row;
+          const int64_t k = (kt << 6) + q * 8 + o.col;
+          if (m < args.M && k < args.K) {
+            if (args.partial != nullptr) {
+              args.partial[(blockIdx.z * args.M + m) * args.K + k] = acc[f][q][r];
+            } else {
+              args.y[m * args.K + k] = from_float<T>(acc[f][q][r]);
+            }
+          }
+        }
+  }
+}
+
 // y[m][n] = sum over splits (in order) of partial[s][m][n], + bias, rounded once.
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
     fused_splitk_reduce_kernel(const float* partial, const T* bias, T* y, int64_t M, int64_t N, int64_t splits) {
+  // unroll 1: a grid-stride loop the compiler unrolls gets a 64-bit division for its trip count.
+#pragma unroll 1
   for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+#pragma unroll 1
     for (int64_t n = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; n < N;
          n += static_cast<int64_t>(gridDim.x) * kReduceThreads) {
       float acc = 0.0f;
+#pragma unroll 1
       for (int64_t s = 0; s < splits; ++s) acc += partial[(s * M + m) * N + n];
       const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
       y[m * N + n] = from_float<T>(acc + b);
@@ -323,7 +531,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename S>
 __global__ void __launch_bounds__(kReduceThreads)
     repack_scales_kernel(const S* in, S* out, int64_t N, int64_t n_pad, int64_t blocks_per_row) {
+#pragma unroll 1
   for (int64_t kb = blockIdx.y; kb < blocks_per_row; kb += gridDim.y) {
+#pragma unroll 1
     for (int64_t n = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; n < n_pad;
          n += static_cast<int64_t>(gridDim.x) * kReduceThreads) {
       out[kb * n_pad + n] = n < N ? in[n * blocks_per_row + kb] : S(0);
@@ -340,15 +550,76 @@ int sm_count() {
   return count;
 }
 
+// Opts a kernel in to `bytes` of dynamic shared memory when that is above the default.
+template <typename Kernel>
+void allow_smem(Kernel kernel, int bytes) {
+  if (bytes > 48 * 1024) {
+    FOURBIT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  }
+}
+
 template <typename T, typename Tl>
 void launch_fused(const FusedArgs<T>& args, const plan::FusedPlan& p, QuantType quant_type,
                   cudaStream_t stream) {
   const dim3 grid(p.grid.x, p.grid.y, p.grid_z);
   if (args.absmax_q != nullptr) {
+    allow_smem(fused_4bit_kernel<T, Tl, true>, Tl::kSmemBytes);
     fused_4bit_kernel<T, Tl, true><<<grid, kThreads, Tl::kSmemBytes, stream>>>(args, codebook_arg(quant_type));
   } else {
+    allow_smem(fused_4bit_kernel<T, Tl, false>, Tl::kSmemBytes);
     fused_4bit_kernel<T, Tl, false><<<grid, kThreads, Tl::kSmemBytes, stream>>>(args, codebook_arg(quant_type));
   }
+  FOURBIT_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T, typename Tl>
+void launch_fused_grad(const FusedArgs<T>& args, const plan::FusedPlan& p, QuantType quant_type,
+                       cudaStream_t stream) {
+  const dim3 grid(p.grid.x, p.grid.y, p.grid_z);
+  if (args.absmax_q != nullptr) {
+    allow_smem(fused_4bit_grad_input_kernel<T, Tl, true>, Tl::kSmemBytes);
+    fused_4bit_grad_input_kernel<T, Tl, true><<<grid, kThreads, Tl::kSmemBytes, stream>>>(args, codebook_arg(quant_type));
+  } else {
+    allow_smem(fused_4bit_grad_input_kernel<T, Tl, false>, Tl::kSmemBytes);
+    fused_4bit_grad_input_kernel<T, Tl, false><<<grid, kThreads, Tl::kSmemBytes, stream>>>(args, codebook_arg(quant_type));
+  }
+  FOURBIT_CUDA_LAUNCH_CHECK();
+}
+
+// Checks shared by both directions; returns the scales pointer.
+void check_fused(const Weight4bit& w, DType dtype, int64_t M, const void* in, const void* out, const char* op) {
+  FOURBIT_CHECK_ARG(fragment_layout_supported(w), op, ": the fragment layout needs K % 64 == 0 and "
+                    "K % blocksize == 0, got N=", w.N, " K=", w.K, " blocksize=", w.blocksize);
+  FOURBIT_CHECK_ARG(dtype == DType::BFloat16 || dtype == DType::Float16, op,
+                    ": dtype must be bfloat16 or float16, got ", to_string(dtype));
+  FOURBIT_CHECK_ARG(compute_capability() >= 80, op, ": needs sm80 or newer, got sm", compute_capability());
+  FOURBIT_CHECK_ARG(M >= 0, op, ": M must be >= 0, got ", M);
+  const void* scales = w.scales.nested() ? static_cast<const void*>(w.scales.absmax_q)
+                                         : static_cast<const void*>(w.scales.absmax);
+  FOURBIT_CHECK_ARG(w.packed && scales && (M == 0 || (in && out)), op, ": null pointer");
+  FOURBIT_CHECK_ARG(aligned_to(in, 16) && aligned_to(w.packed, 16) && aligned_to(scales, 16), op,
+                    ": the activations, the fragment bytes and the scales must be 16-byte aligned");
+  FOURBIT_CHECK_ARG(!w.scales.nested() || (w.scales.nested_code && w.scales.nested_absmax && w.scales.offset),
+                    op, ": nested scales need nested_code, nested_absmax and offset");
+}
+
+template <typename T>
+FusedArgs<T> fused_args(const Weight4bit& w, const plan::FusedPlan& plan, const void* x, const void* bias,
+                        void* y, float* partial, int64_t M) {
+  const frag::Shape s = frag::shape_of(w.N, w.K);
+  return FusedArgs<T>{w.packed, w.scales.absmax, w.scales.absmax_q, w.scales.nested_code,
+                      w.scales.nested_absmax, w.scales.offset, log2_pow2(w.blocksize),
+                      w.scales.nested() ? log2_pow2(w.scales.nested_blocksize) : 0,
+                      static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(y),
+                      plan.splits > 1 ? partial : nullptr, M, w.N, w.K, s.n_tiles, s.n_pad(),
+                      w.K / w.blocksize, plan.row_tiles, plan.k_stages, plan.stages_per_split};
+}
+
+template <typename T>
+void reduce_splits(const FusedArgs<T>& args, int64_t cols, int64_t splits, cudaStream_t stream) {
+  const dim3 grid(capped(plan::ceil_div(cols, kReduceThreads), plan::kMaxGridY), capped(args.M, plan::kMaxGridY));
+  fused_splitk_reduce_kernel<T><<<grid, kReduceThreads, 0, stream>>>(args.partial, args.bias, args.y, args.M,
+                                                                     cols, splits);
   FOURBIT_CUDA_LAUNCH_CHECK();
 }
 
@@ -386,50 +657,52 @@ void gemm_4bit_fused_cuda(const Gemm4bitFusedParams& fp, cudaStream_t stream) {
   const Gemm4bitParams& p = fp.gemm;
   const Weight4bit& w = p.weight;
   const char* op = "gemm_4bit_fused_cuda";
-  FOURBIT_CHECK_ARG(fragment_layout_supported(w), op, ": the fragment layout needs K % 64 == 0 and "
-                    "K % blocksize == 0, got N=", w.N, " K=", w.K, " blocksize=", w.blocksize);
-  FOURBIT_CHECK_ARG(p.dtype == DType::BFloat16 || p.dtype == DType::Float16, op,
-                    ": dtype must be bfloat16 or float16, got ", to_string(p.dtype));
-  FOURBIT_CHECK_ARG(cuda::compute_capability() >= 80, op, ": needs sm80 or newer, got sm",
-                    cuda::compute_capability());
-  FOURBIT_CHECK_ARG(p.M >= 0, op, ": M must be >= 0, got ", p.M);
-  const void* scales = w.scales.nested() ? static_cast<const void*>(w.scales.absmax_q)
-                                         : static_cast<const void*>(w.scales.absmax);
-  FOURBIT_CHECK_ARG(w.packed && scales && (p.M == 0 || (p.x && p.y)), op, ": null pointer");
-  FOURBIT_CHECK_ARG(cuda::aligned_to(p.x, 16) && cuda::aligned_to(w.packed, 16) && cuda::aligned_to(scales, 16),
-                    op, ": x, the fragment bytes and the scales must be 16-byte aligned");
-  FOURBIT_CHECK_ARG(!w.scales.nested() || (w.scales.nested_code && w.scales.nested_absmax && w.scales.offset),
-                    op, ": nested scales need nested_code, nested_absmax and offset");
+  cuda::check_fused(w, p.dtype, p.M, p.x, p.y, op);
   if (p.M == 0 || w.N == 0) return;
   const plan::FusedPlan plan = plan::plan_fused(p.M, w.N, w.K, cuda::sm_count());
   FOURBIT_CHECK_ARG(plan.workspace_bytes == 0 || (fp.workspace && fp.workspace_bytes >= plan.workspace_bytes),
                     op, ": split-K needs a workspace of ", plan.workspace_bytes, " bytes, got ",
                     fp.workspace_bytes);
-  const frag::Shape s = frag::shape_of(w.N, w.K);
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same<T, float>::value) {
-      cuda::FusedArgs<T> args{w.packed, w.scales.absmax, w.scales.absmax_q, w.scales.nested_code,
-                              w.scales.nested_absmax, w.scales.offset,
-                              cuda::log2_pow2(w.blocksize),
-                              w.scales.nested() ? cuda::log2_pow2(w.scales.nested_blocksize) : 0,
-                              static_cast<const T*>(p.x), static_cast<const T*>(p.bias),
-                              static_cast<T*>(p.y),
-                              plan.splits > 1 ? static_cast<float*>(fp.workspace) : nullptr,
-                              p.M, w.N, w.K, s.n_tiles, s.n_pad(), w.K / w.blocksize,
-                              plan.row_tiles, plan.k_stages, plan.stages_per_split};
+      const auto args = cuda::fused_args<T>(w, plan, p.x, p.bias, p.y, static_cast<float*>(fp.workspace), p.M);
       if (plan.small) {
         cuda::launch_fused<T, cuda::SmallTile>(args, plan, w.quant_type, stream);
       } else {
         cuda::launch_fused<T, cuda::LargeTile>(args, plan, w.quant_type, stream);
       }
-      if (plan.splits > 1) {
-        const dim3 grid(cuda::capped(plan::ceil_div(w.N, cuda::kReduceThreads), plan::kMaxGridY),
-                        cuda::capped(p.M, plan::kMaxGridY));
-        cuda::fused_splitk_reduce_kernel<T><<<grid, cuda::kReduceThreads, 0, stream>>>(
-            args.partial, args.bias, args.y, p.M, w.N, plan.splits);
-        FOURBIT_CUDA_LAUNCH_CHECK();
+      if (plan.splits > 1) cuda::reduce_splits<T>(args, w.N, plan.splits, stream);
+    }
+  });
+}
+
+int64_t gemm_4bit_fused_grad_input_workspace_bytes(int64_t M, int64_t N, int64_t K) {
+  return plan::plan_fused_grad_input(M, N, K, cuda::sm_count()).workspace_bytes;
+}
+
+void gemm_4bit_fused_grad_input_cuda(const Gemm4bitFusedGradInputParams& fp, cudaStream_t stream) {
+  const Gemm4bitGradInputParams& p = fp.gemm;
+  const Weight4bit& w = p.weight;
+  const char* op = "gemm_4bit_fused_grad_input_cuda";
+  cuda::check_fused(w, p.dtype, p.M, p.grad_output, p.grad_input, op);
+  FOURBIT_CHECK_ARG(w.N % 8 == 0, op, ": N must be a multiple of 8 (16-byte rows of dY), got ", w.N);
+  if (p.M == 0) return;
+  const plan::FusedPlan plan = plan::plan_fused_grad_input(p.M, w.N, w.K, cuda::sm_count());
+  FOURBIT_CHECK_ARG(plan.workspace_bytes == 0 || (fp.workspace && fp.workspace_bytes >= plan.workspace_bytes),
+                    op, ": split-K needs a workspace of ", plan.workspace_bytes, " bytes, got ",
+                    fp.workspace_bytes);
+  cuda::dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same<T, float>::value) {
+      const auto args = cuda::fused_args<T>(w, plan, p.grad_output, nullptr, p.grad_input,
+                                            static_cast<float*>(fp.workspace), p.M);
+      if (plan.small) {
+        cuda::launch_fused_grad<T, cuda::GradSmallTile>(args, plan, w.quant_type, stream);
+      } else {
+        cuda::launch_fused_grad<T, cuda::GradLargeTile>(args, plan, w.quant_type, stream);
       }
+      if (plan.splits > 1) cuda::reduce_splits<T>(args, w.K, plan.splits, stream);
     }
   });
 }

@@ -39,6 +39,12 @@ int64_t gemm_4bit_fused_workspace_bytes(int64_t, int64_t, int64_t) {
   no_cuda("gemm_4bit_fused_workspace_bytes");
 }
 void gemm_4bit_fused_cuda(const Gemm4bitFusedParams&, cudaStream_t) { no_cuda("gemm_4bit_fused_cuda"); }
+int64_t gemm_4bit_fused_grad_input_workspace_bytes(int64_t, int64_t, int64_t) {
+  no_cuda("gemm_4bit_fused_grad_input_workspace_bytes");
+}
+void gemm_4bit_fused_grad_input_cuda(const Gemm4bitFusedGradInputParams&, cudaStream_t) {
+  no_cuda("gemm_4bit_fused_grad_input_cuda");
+}
 void lora_4bit_forward_cuda(const Lora4bitForwardParams&, cudaStream_t) {
   no_cuda("lora_4bit_forward_cuda");
 }

@@ -43,4 +43,13 @@ struct Gemm4bitFusedParams {
 int64_t gemm_4bit_fused_workspace_bytes(int64_t M, int64_t N, int64_t K);
 void gemm_4bit_fused_cuda(const Gemm4bitFusedParams& p, cudaStream_t stream);
 
+// dX = dY deq(W) on the same fragment copy (no bias). Also needs N % 8 == 0.
+struct Gemm4bitFusedGradInputParams {
+  Gemm4bitGradInputParams gemm;
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+};
+int64_t gemm_4bit_fused_grad_input_workspace_bytes(int64_t M, int64_t N, int64_t K);
+void gemm_4bit_fused_grad_input_cuda(const Gemm4bitFusedGradInputParams& p, cudaStream_t stream);
+
 }  // namespace fourbit

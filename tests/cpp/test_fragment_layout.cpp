@@ -437,3 +437,23 @@ TEST(FusedPlan, EdgeCases) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(FusedPlan, InputGradientTilesOverKAndReducesOverN) {
+  namespace plan = fourbit::plan;
+  const plan::FusedPlan p = plan::plan_fused_grad_input(8, 14336, 4096, 132);
+  EXPECT_TRUE(p.small);
+  EXPECT_EQ(p.tile_n, plan::kFusedGradSmallTileN);
+  EXPECT_EQ(p.col_tiles, 4096 / 256);
+  EXPECT_EQ(p.k_stages, 14336 / 64);
+  EXPECT_EQ(p.workspace_bytes, p.splits * 8 * 4096 * 4);
+  EXPECT_GT(p.splits, 1);
+  const plan::FusedPlan odd = plan::plan_fused_grad_input(100, 24, 128, 132);  // N: one partial stage
+  EXPECT_EQ(odd.k_stages, 1);
+  EXPECT_EQ(odd.splits, 1);
+  EXPECT_EQ(odd.col_tiles, 1);
+  EXPECT_THROW(plan::plan_fused_grad_input(1, 16, 100, 132), fourbit::Error);
+}
+
+}  // namespace

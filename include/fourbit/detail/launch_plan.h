@@ -113,6 +113,12 @@ struct FusedPlan {
 // Requires K % kFusedTileK == 0 (the fragment layout); M, N >= 0; sm_count > 0.
 FusedPlan plan_fused(int64_t M, int64_t N, int64_t K, int sm_count);
 
+// Input gradient dX[M, K] = dY[M, N] deq(W) on the same fragments: output columns are k (a warp
+// owns one 64-deep fragment column, so the small tile is 16 x 256 and the large 64 x 128);
+// the reduction runs over n in stages of kFusedTileK rows of W (the last one zero-padded).
+constexpr int64_t kFusedGradSmallTileN = 256, kFusedGradLargeTileN = 128;
+FusedPlan plan_fused_grad_input(int64_t M, int64_t N, int64_t K, int sm_count);
+
 // Which path a 4-bit matmul takes. `has_blas`: the caller can run a dense GEMM (the torch
 // binding, through cuBLAS); the core alone cannot.
 enum class MatmulPath { Gemv, DequantizeBlas, TensorCoreTiled, CudaCoreTiled };
