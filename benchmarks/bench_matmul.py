@@ -30,7 +30,8 @@ deq+linear result once per row; a relative error above 2^-6 is printed as a warn
 recorded in the JSON.
 
 Output: a markdown table on stdout and a JSON file (default
-benchmarks/results/matmul_<device>.json).
+benchmarks/results/matmul_<device>.json) that also has, per row and column, TFLOP/s and the
+GB/s the 4-bit weight streams at (the roofline units of a compute- and a memory-bound product).
 
 Run:
     python benchmarks/bench_matmul.py                         # cuda if available, else cpu
@@ -207,6 +208,14 @@ def bench_row(name, N, K, M, mode, args, device, timer, bnb) -> dict:
     base = row["ms"].get("torch_bf16")
     for label, t in row["ms"].items():
         row["ratio_vs_bf16"][label] = (t / base) if (t and base) else None
+    # Roofline units: TFLOP/s of the products (2MNK per product; fwd+bwd has two) and the
+    # GB/s at which the 4-bit weight (codes + nested scales) would have to stream for that time.
+    products = 2 if mode == "fwd+bwd" else 1
+    row["tflop"] = 2.0 * M * N * K * products / 1e12
+    row["weight_4bit_bytes"] = q.numel() * q.element_size() + qs.absmax.nbytes
+    row["tflop_s"] = {k: (row["tflop"] / (t * 1e-3) if t else None) for k, t in row["ms"].items()}
+    row["weight_4bit_gb_s"] = {k: (row["weight_4bit_bytes"] * products / (t * 1e-3) / 1e9 if t else None)
+                               for k, t in row["ms"].items()}
     return row
 
 
