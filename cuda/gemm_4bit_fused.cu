@@ -49,6 +49,7 @@ constexpr int kALd = kTileK + 8;
 // puts two blocks in a 64-deep stage; larger blocksizes load the same row twice).
 constexpr int kScaleRows = 2;
 constexpr int kNestedCodeSize = 256;  // the nested absmax's 8-bit dynamic map
+static_assert(kNestedCodeSize * sizeof(float) <= 1024, "the nested code fits 1 KB of shared memory");
 // Minimum CTAs per SM for the GEMM kernels' __launch_bounds__: without it ptxas aims at 128
 // registers and spills a few bytes; with it the register budget is 255 and nothing spills.
 constexpr int kMinCtasPerSm = 2;
@@ -67,7 +68,7 @@ struct Tile {
   static constexpr int kSBytes = kScaleRows * kN * 4;  // fp32 scales; nested use a quarter
   static constexpr int kStageBytes = kABytes + kWBytes + kSBytes;
   static constexpr int kSmemBytes = kStages * kStageBytes;
-  static_assert(kWarpsM * kWarpsN * 32 == kThreads, "4 warps per CTA");
+  static_assert(kWarpsM * kWarpsN * 32 == kThreads && kWarpsNv * kMFragsv > 0, "4 warps per CTA");
   static_assert(kABytes % 16 == 0 && kWBytes % 16 == 0, "16-byte aligned stage parts");
   static_assert(kSmemBytes <= kMaxDynamicSmem, "fits the opt-in dynamic shared memory of sm80");
 };
@@ -162,6 +163,12 @@ __device__ __forceinline__ float stage_scale(const FusedArgs<T>& args, const uns
 template <typename T, typename Tl, bool kNested>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     fused_4bit_kernel(FusedArgs<T> args, Codebook4bit code) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // Device code for an arch below sm80 (the default build also targets sm75): cp.async,
+  // mma.m16n8k16 and L2 policies do not exist there, and the host launches this kernel only
+  // on sm80+ (check_fused). Fail loudly rather than return without writing the output.
+  __trap();
+#else
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float lut[kCodebook4bitSize];
   __shared__ float nested_code[kNestedCodeSize];
@@ -283,6 +290,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
           }
         }
   }
+#endif
 }
 
 // ---------------------------------------------------------------- input gradient
@@ -305,7 +313,7 @@ struct GradTile {
   static constexpr int kSBytes = kScaleRows * kWarpsN * kTileK * 4;  // [warp col][row][64 n] fp32
   static constexpr int kStageBytes = kABytes + kWBytes + kSBytes;
   static constexpr int kSmemBytes = kStages * kStageBytes;
-  static_assert(kWarpsM * kWarpsN * 32 == kThreads, "4 warps per CTA");
+  static_assert(kWarpsM * kWarpsN * 32 == kThreads && kWarpsNv * kMFragsv > 0, "4 warps per CTA");
   static_assert(kSmemBytes <= kMaxDynamicSmem, "fits the opt-in dynamic shared memory of sm80");
 };
 using GradSmallTile = GradTile<1, 4, 1>;  // 16 x 256
@@ -366,6 +374,12 @@ __device__ __forceinline__ void load_stage_grad(const FusedArgs<T>& args, int64_
 template <typename T, typename Tl, bool kNested>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     fused_4bit_grad_input_kernel(FusedArgs<T> args, Codebook4bit code) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // Device code for an arch below sm80 (the default build also targets sm75): cp.async,
+  // mma.m16n8k16 and L2 policies do not exist there, and the host launches this kernel only
+  // on sm80+ (check_fused). Fail loudly rather than return without writing the output.
+  __trap();
+#else
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float lut[kCodebook4bitSize];
   __shared__ float nested_code[kNestedCodeSize];
@@ -481,6 +495,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
           }
         }
   }
+#endif
 }
 
 // y[m][n] = sum over splits (in order) of partial[s][m][n], + bias, rounded once.
