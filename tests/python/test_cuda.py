@@ -364,7 +364,10 @@ from test_matmul import quantized_weight as _quantized_weight  # noqa: E402
 # (M, N, K, blocksize): odd M and N, K a multiple of 64 and of the blocksize (the fragment
 # layout's requirement); M = 1 / 8 on long K take split-K, M > 16 the 64-row tile.
 FUSED_SHAPES = [(1, 8, 64, 64), (3, 40, 192, 32), (1, 37, 128, 64), (17, 200, 640, 128), (33, 1000, 256, 256),
-                (130, 72, 512, 64), (1, 4096, 4096, 64), (8, 1024, 14336, 64), (300, 136, 1024, 1024)]
+                (130, 72, 512, 64), (3, 64, 1024, 64), (1, 37, 2048, 128), (2, 1024, 128, 64),
+                (300, 136, 1024, 1024)]
+# Llama-sized: long split-K runs (the "large" in the name keeps them out of gpu_check's sanitizer stage).
+FUSED_LARGE_SHAPES = [(1, 4096, 4096, 64), (8, 1024, 14336, 64), (16, 14336, 4096, 64), (64, 4096, 4096, 64)]
 
 
 @pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
@@ -374,8 +377,19 @@ def test_fused_matches_cpu_twin(dtype, quant_type, nested):
     """algo="fused" (fragment layout, cp.async pipeline, mma.sync, split-K) and the CPU twin
     both within the documented bound of the float64 product (the fused kernel rounds the
     weight once to the activation dtype: u_w = u of bf16/fp16), forward with bias and the
-    input gradient (N % 8 == 0)."""
-    for M, N, K, blocksize in FUSED_SHAPES:
+    input gradient (N % 8 == 0). Odd M and N, blocksize 32..1024, 2- and 4-way split-K
+    (forward), 2-way (input gradient)."""
+    _check_fused(dtype, quant_type, nested, FUSED_SHAPES)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_fused_matches_cpu_twin_large_shapes(dtype):
+    """The same on Llama-8B shapes (nested NF4, blocksize 64): 8- to 16-way split-K."""
+    _check_fused(dtype, "nf4", True, FUSED_LARGE_SHAPES)
+
+
+def _check_fused(dtype, quant_type, nested, shapes):
+    for M, N, K, blocksize in shapes:
         q, qs, Wd = _quantized_weight(N, K, quant_type, nested, blocksize, device="cuda")
         X = torch.randn(M, K).to(dtype).cuda()
         bias = torch.randn(N).to(dtype).cuda()
