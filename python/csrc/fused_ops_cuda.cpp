@@ -7,11 +7,18 @@
 // reused while the entry lives) and their version counters at repack time (an in-place
 // write to either makes the entry stale, and it is rebuilt). The fragment copy has the
 // packed weight's size: caching costs that much device memory per cached weight.
+// Streams: the copy is made on the first caller's stream; a call on another stream waits
+// for the repack's event and records its stream on the copy's memory (so an eviction cannot
+// hand the memory back while that stream still reads it).
 // Checkpoints never see it. (The copy's proper home is the parameter object, built when
 // the weight is quantized or loaded; until then this cache serves the explicit algo.)
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <list>
+#include <memory>
 #include <mutex>
 
 #include "checks.h"
@@ -30,6 +37,8 @@ struct FragmentEntry {
   int64_t W_version = 0, absmax_version = 0;
   int64_t N = 0, K = 0, blocksize = 0;
   at::Tensor packed, scales;               // the fragment copy
+  cudaStream_t made_on = nullptr;          // the stream the repack ran on
+  std::shared_ptr<CUevent_st> ready;       // recorded after the repack
 };
 
 bool same_source(const FragmentEntry& e, const at::Tensor& W, const at::Tensor& absmax, const Weight4bit& w) {
@@ -53,19 +62,31 @@ FragmentEntry fragments(const at::Tensor& W, const at::Tensor& absmax, const Wei
     cache.erase(it);  // stale: written in place since the repack
     break;
   }
-  FragmentEntry e{W, absmax, W._version(), absmax._version(), w.N, w.K, w.blocksize, {}, {}};
+  FragmentEntry e{W, absmax, W._version(), absmax._version(), w.N, w.K, w.blocksize, {}, {}, current_stream(), {}};
   const auto bytes = W.options().dtype(at::kByte);
   e.packed = at::empty({fragment_packed_bytes(w.N, w.K)}, bytes);
   const int64_t count = fragment_scale_count(w.N, w.K, w.blocksize);
   e.scales = w.scales.nested() ? at::empty({count}, bytes) : at::empty({count}, W.options().dtype(at::kFloat));
   run_core([&] { repack_4bit_fragments_cuda(w, e.packed.data_ptr<uint8_t>(), e.scales.data_ptr(), current_stream()); });
+  cudaEvent_t event = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  e.ready = std::shared_ptr<CUevent_st>(event, [](cudaEvent_t ev) { cudaEventDestroy(ev); });
+  C10_CUDA_CHECK(cudaEventRecord(event, e.made_on));
   cache.push_front(e);
   if (cache.size() > kFragmentCacheEntries) cache.pop_back();
   return e;
 }
 
-// `w` with its codes and scales pointing at the fragment copy.
+// `w` with its codes and scales pointing at the fragment copy, made safe to read on the
+// current stream.
 Weight4bit on_fragments(Weight4bit w, const FragmentEntry& e) {
+  const cudaStream_t stream = current_stream();
+  if (stream != e.made_on) {
+    const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream, e.ready.get(), 0));
+    c10::cuda::CUDACachingAllocator::recordStream(e.packed.storage().data_ptr(), current);
+    c10::cuda::CUDACachingAllocator::recordStream(e.scales.storage().data_ptr(), current);
+  }
   w.packed = e.packed.const_data_ptr<uint8_t>();
   if (w.scales.nested()) {
     w.scales.absmax_q = e.scales.const_data_ptr<uint8_t>();
