@@ -121,6 +121,10 @@ void fused_forward(const ForwardCall& call) {
 
 void fused_grad_input(const GradInputCall& call) {
   const Gemm4bitGradInputParams& p = call.params;
+  if (p.weight.N == 0) {  // an empty reduction: dX = 0
+    call.grad_input.zero_();
+    return;
+  }
   check_supported(p.weight, "gemm_4bit_grad_input");
   CHECK_ARG(p.weight.N % 8 == 0, "gemm_4bit_grad_input: algo 'fused' needs N % 8 == 0, got N=", p.weight.N);
   const FragmentEntry e = fragments(call.W, call.absmax, p.weight);
