@@ -7,7 +7,9 @@
 //     rounded to bf16, A fragments by ldmatrix from mma::a_ldsm, mma.m16n8k16 from the ISA's
 //     tables, accumulators read through mma::acc -- equals X @ deq(W)^T, for the forward and
 //     for the input gradient (weights transposed in registers by movmatrix, emulated);
-//   - the same emulation with a wrong fragment map does not.
+//   - the same fragments, as wgmma's register A operand for a warpgroup (the Hopper path's
+//     way to feed decoded weights to wgmma), give W X^T;
+//   - the same emulations with a wrong fragment map do not.
 #include <gtest/gtest.h>
 
 #include <array>
@@ -339,6 +341,77 @@ double grad_error(const QuantizedWeight& q, int64_t M, Fault fault) {
   return worst;
 }
 
+// Hopper, A from registers: Y^T = W X^T by wgmma.m64nNk16 (N = 8 tokens here), the four warps
+// of a warpgroup each holding one fragment tile (16 rows of W) decoded as above. The ISA's
+// tables, stated independently: A register q of warp w, lane l holds rows 16 w + l / 4 + 8 (q % 2),
+// columns 2 (l % 4) + 8 (q / 2) + h; accumulator register r: row 16 w + l / 4 + 8 ((r % 4) / 2),
+// column 8 (r / 4) + 2 (l % 4) + r % 2. B (X^T) comes from shared memory through a descriptor
+// (no register map): emulated as the plain matrix. Returns the largest relative error.
+double wgmma_error(const QuantizedWeight& q, int64_t tokens, Fault fault) {
+  const Fragments f(q);
+  const Decoder d = make_decoder(q, f, fault);
+  std::mt19937 rng(13);
+  std::normal_distribution<float> normal;
+  std::vector<float> X(static_cast<size_t>(tokens * q.K));
+  for (auto& x : X) x = bf16(normal(rng));
+  const int64_t n_groups = (d.s.n_tiles + 3) / 4;  // warpgroups of 4 fragment tiles (64 rows)
+  std::vector<double> Yt(static_cast<size_t>(n_groups * 64 * tokens), 0.0);
+  for (int64_t g = 0; g < n_groups; ++g) {
+    for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
+      std::array<std::array<std::array<float, 4>, kLanes>, 4> acc{};  // [warp][lane][r], N = 8
+      for (int64_t kt = 0; kt < d.s.k_tiles; ++kt) {
+        std::array<std::array<std::array<std::array<std::array<Pair, 2>, 2>, 4>, kLanes>, 4> w{};
+        for (int warp = 0; warp < 4; ++warp)
+          if (g * 4 + warp < d.s.n_tiles)
+            for (int l = 0; l < kLanes; ++l) w[warp][l] = d.lane(g * 4 + warp, kt, l);
+        for (int s = 0; s < 4; ++s) {
+          double A[64][16] = {}, B[16][8] = {};
+          for (int warp = 0; warp < 4; ++warp)
+            for (int l = 0; l < kLanes; ++l)
+              for (int qr = 0; qr < 4; ++qr) {
+                const int row = 16 * warp + l / 4 + 8 * (qr % 2), col = 2 * (l % 4) + 8 * (qr / 2);
+                const mma::Coord c = mma::wgmma_a_reg(warp, l, qr);
+                EXPECT_TRUE(c.row == row && c.col == col);
+                const Pair& v = w[warp][l][s][qr % 2][qr / 2];
+                A[row][col] = v[0];
+                A[row][col + 1] = v[1];
+              }
+          for (int k = 0; k < 16; ++k)
+            for (int t = 0; t < 8; ++t)
+              B[k][t] = t0 + t < tokens ? X[static_cast<size_t>((t0 + t) * q.K + kt * 64 + s * 16 + k)] : 0.0f;
+          for (int warp = 0; warp < 4; ++warp)
+            for (int l = 0; l < kLanes; ++l)
+              for (int r = 0; r < 4; ++r) {
+                const int row = 16 * warp + l / 4 + 8 * ((r % 4) / 2), col = 2 * (l % 4) + r % 2;
+                double sum = 0;
+                for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+                acc[warp][l][r] += static_cast<float>(sum);
+              }
+        }
+      }
+      for (int warp = 0; warp < 4; ++warp)
+        for (int l = 0; l < kLanes; ++l)
+          for (int r = 0; r < 4; ++r) {
+            const mma::Coord o = mma::wgmma_acc(warp, l, r);
+            if (t0 + o.col < tokens) Yt[static_cast<size_t>((g * 64 + o.row) * tokens + t0 + o.col)] = acc[warp][l][r];
+          }
+    }
+  }
+  double worst = 0;
+  for (int64_t n = 0; n < q.N; ++n) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      double ref = 0, mag = 1e-30;
+      for (int64_t k = 0; k < q.K; ++k) {
+        const double x = X[static_cast<size_t>(t * q.K + k)], wv = bf16(q.dequantized[static_cast<size_t>(n * q.K + k)]);
+        ref += x * wv;
+        mag += std::fabs(x * wv);
+      }
+      worst = std::max(worst, std::fabs(Yt[static_cast<size_t>(n * tokens + t)] - ref) / mag);
+    }
+  }
+  return worst;
+}
+
 // fp32 accumulation in a different order from the double reference: ~1e-7 relative to the
 // magnitude sum; a misplaced element costs O(1).
 constexpr double kTolerance = 1e-5;
@@ -360,6 +433,38 @@ TEST(FragmentLayout, WarpEmulationInputGradientEqualsDyTimesDeqW) {
     for (int64_t M : {1, 7, 16}) {
       EXPECT_LT(grad_error(q, M, Fault::None), kTolerance) << "N=" << c.N << " K=" << c.K << " M=" << M;
     }
+  }
+}
+
+// wgmma.m64n16k16's accumulators (8 registers per lane) and register A (4 per lane) cover
+// their 64 x 16 tiles once each.
+TEST(FragmentLayout, WgmmaMapsCoverTheirTilesOnce) {
+  int acc_seen[64][16] = {}, a_seen[64][16] = {};
+  for (int warp = 0; warp < 4; ++warp)
+    for (int l = 0; l < kLanes; ++l) {
+      for (int r = 0; r < 8; ++r) ++acc_seen[mma::wgmma_acc(warp, l, r).row][mma::wgmma_acc(warp, l, r).col];
+      for (int q = 0; q < 4; ++q)
+        for (int h = 0; h < 2; ++h) ++a_seen[mma::wgmma_a_reg(warp, l, q).row][mma::wgmma_a_reg(warp, l, q).col + h];
+    }
+  for (int i = 0; i < 64; ++i)
+    for (int j = 0; j < 16; ++j) {
+      EXPECT_EQ(acc_seen[i][j], 1);
+      EXPECT_EQ(a_seen[i][j], 1);
+    }
+}
+
+// The same fragments feed Hopper's wgmma as its register A operand (W as A: Y^T = W X^T).
+TEST(FragmentLayout, WarpgroupEmulationWgmmaRegisterAEqualsWTimesXTransposed) {
+  for (const Case& c : kCases) {
+    if (c.K > 1024) continue;
+    const QuantizedWeight q(c.N, c.K, c.blocksize, c.quant_type, c.nested, 6);
+    for (int64_t tokens : {1, 8, 13}) {
+      EXPECT_LT(wgmma_error(q, tokens, Fault::None), kTolerance) << "N=" << c.N << " K=" << c.K;
+    }
+  }
+  const QuantizedWeight q(80, 128, 64, QuantType::NF4, true, 8);
+  for (Fault fault : {Fault::SwapNibbleHalves, Fault::WrongScaleRow, Fault::TilesNMajor}) {
+    EXPECT_GT(wgmma_error(q, 8, fault), 1e-2) << static_cast<int>(fault);
   }
 }
 
