@@ -367,7 +367,7 @@ FUSED_SHAPES = [(1, 8, 64, 64), (3, 40, 192, 32), (1, 37, 128, 64), (17, 200, 64
                 (130, 72, 512, 64), (3, 64, 1024, 64), (1, 37, 2048, 128), (2, 1024, 128, 64),
                 (300, 136, 1024, 1024)]
 # Llama-sized: long split-K runs (the "large" in the name keeps them out of gpu_check's sanitizer stage).
-FUSED_LARGE_SHAPES = [(1, 4096, 4096, 64), (8, 1024, 14336, 64), (16, 14336, 4096, 64), (64, 4096, 4096, 64)]
+FUSED_LARGE_SHAPES = [(1, 4096, 4096, 64), (8, 1024, 14336, 64), (64, 4096, 4096, 64)]
 
 
 @pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
@@ -384,7 +384,7 @@ def test_fused_matches_cpu_twin(dtype, quant_type, nested):
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 def test_fused_matches_cpu_twin_large_shapes(dtype):
-    """The same on Llama-8B shapes (nested NF4, blocksize 64): 8- to 16-way split-K."""
+    """The same on Llama-8B-sized shapes (nested NF4, blocksize 64): 5- to 16-way split-K."""
     _check_fused(dtype, "nf4", True, FUSED_LARGE_SHAPES)
 
 
