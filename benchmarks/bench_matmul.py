@@ -5,7 +5,7 @@ What is measured, on the Llama-3.1-8B projection weights (N x K = out x in featu
     q_proj 4096x4096, kv_proj 1024x4096, up_proj 14336x4096, down_proj 4096x14336
 
 with nested (double-quantized) NF4, blocksize 64, bf16 activations, for M in
-{1, 8, 32, 128, 512, 4096} activation rows:
+{1, 8, 16, 32, 64, 128, 512, 4096} activation rows:
 
 - ``fwd``: Y = X @ W^T. fourbit ``matmul_4bit``; bitsandbytes ``matmul_4bit`` (its own
   quantization of the same weight); torch ``linear`` with the bf16 weight; and
@@ -14,8 +14,12 @@ with nested (double-quantized) NF4, blocksize 64, bf16 activations, for M in
 - ``fwd+bwd``: the same forward plus the input gradient dX = dY @ W (X requires grad,
   the weight is frozen), i.e. what a training step pays per linear layer.
 
-On CUDA the fourbit kernels can also be timed one by one (``--algos``), which is how the
-dispatch thresholds in python/csrc/gemm_ops_cuda.cpp and cuda/gemm_4bit.cu are tuned.
+On CUDA the fourbit kernels can also be timed one by one (``--algos``), forward and forward +
+input gradient, which is how the dispatch thresholds in python/csrc/gemm_ops_cuda.cpp and
+cuda/gemm_4bit.cu are tuned: ``fourbit[ALGO]`` for ALGO in CUDA_ALGOS ("gemv" forward only:
+it has no gradient kernel; "fused" is the fragment-layout kernel of cuda/gemm_4bit_fused.cu,
+its weight repacked once, on the first call, outside the timing -- the warm-up -- and cached).
+``--dry-run`` prints the grid of rows and labels without running anything (any machine).
 
 Timing (benchmarks/bench_quant.py's Timer): CUDA: median of triton.testing.do_bench (L2
 flushed before each call) or of a CUDA-event loop; CPU: median of time.perf_counter over
@@ -26,12 +30,14 @@ deq+linear result once per row; a relative error above 2^-6 is printed as a warn
 recorded in the JSON.
 
 Output: a markdown table on stdout and a JSON file (default
-benchmarks/results/matmul_<device>.json).
+benchmarks/results/matmul_<device>.json) that also has, per row and column, TFLOP/s and the
+GB/s the 4-bit weight streams at (the roofline units of a compute- and a memory-bound product).
 
 Run:
     python benchmarks/bench_matmul.py                         # cuda if available, else cpu
     python benchmarks/bench_matmul.py --device cpu --ms 1 8 32 128 512 --reps 3
     python benchmarks/bench_matmul.py --device cuda --algos    # also each fourbit kernel
+    python benchmarks/bench_matmul.py --device cuda --algos --dry-run   # the plan only
 """
 
 from __future__ import annotations
@@ -50,9 +56,11 @@ import fourbit  # noqa: E402
 import fourbit.functional as F  # noqa: E402
 
 DTYPE = torch.bfloat16
-DEFAULT_MS = (1, 8, 32, 128, 512, 4096)
-# fourbit kernels that --algos times on CUDA, forward only ("gemv" has no gradient kernel).
-CUDA_ALGOS = ("gemv", "tensor_core", "dequant_cublas")
+DEFAULT_MS = (1, 8, 16, 32, 64, 128, 512, 4096)
+# fourbit kernels that --algos times on CUDA (the `algo` argument of the ops).
+CUDA_ALGOS = ("gemv", "tensor_core", "dequant_cublas", "fused")
+# Kernels without an input-gradient form: timed in "fwd" only.
+FORWARD_ONLY_ALGOS = ("gemv",)
 # A forward differing from deq+linear by more than this (relative, max-norm) is flagged.
 MAX_REL_ERROR = 2.0 ** -6
 
@@ -68,7 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed calls (default: CPU 3, CUDA 100)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: CPU 1, CUDA 10)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--algos", action="store_true", help="CUDA: also time each fourbit kernel (forward)")
+    p.add_argument("--algos", action="store_true",
+                   help="CUDA: also time each fourbit kernel (fwd and fwd+bwd)")
+    p.add_argument("--dry-run", action="store_true", help="print the rows and labels that would run, then exit")
     p.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -97,7 +107,41 @@ def load_bnb(device):
 
 
 def gemm_algo(X, q, qs, algo):
-    return torch.ops.fourbit.gemm_4bit(X, *F._weight_args(q, qs)[:5], None, *F._weight_args(q, qs)[5:], algo)
+    args = F._weight_args(q, qs)
+    return torch.ops.fourbit.gemm_4bit(X, *args[:5], None, *args[5:], algo)
+
+
+class _AlgoMatmul(torch.autograd.Function):
+    """Y = X deq(W)^T by one fourbit kernel, and dX = dY deq(W) by the same algo."""
+
+    @staticmethod
+    def forward(ctx, X, q, qs, algo):
+        ctx.q, ctx.qs, ctx.algo = q, qs, algo
+        return gemm_algo(X, q, qs, algo)
+
+    @staticmethod
+    def backward(ctx, dY):
+        dX = torch.ops.fourbit.gemm_4bit_grad_input(dY.contiguous(), *F._weight_args(ctx.q, ctx.qs), ctx.algo)
+        return dX, None, None, None
+
+
+def algo_labels(device_type: str, mode: str, algos: bool) -> list[str]:
+    """The fourbit[ALGO] columns a row gets."""
+    if not algos or device_type != "cuda":
+        return []
+    return [f"fourbit[{a}]" for a in CUDA_ALGOS if not (mode == "fwd+bwd" and a in FORWARD_ONLY_ALGOS)]
+
+
+def plan_rows(args, device_type: str, bnb_available: bool) -> list[dict]:
+    """Every (shape, M, mode) row and its column labels, in run order."""
+    base = ["torch_bf16", "fourbit", "deq+linear"] + (["bitsandbytes"] if bnb_available else [])
+    rows = []
+    for name, N, K in (s for s in LLAMA_8B_SHAPES if s[0] in args.shapes):
+        for M in args.ms:
+            for mode in args.modes:
+                rows.append({"shape": name, "N": N, "K": K, "M": M, "mode": mode,
+                             "labels": base + algo_labels(device_type, mode, args.algos)})
+    return rows
 
 
 def with_backward(forward: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, dY: torch.Tensor):
@@ -108,6 +152,11 @@ def with_backward(forward: Callable[[torch.Tensor], torch.Tensor], X: torch.Tens
         (dx,) = torch.autograd.grad(y, x, dY)
         return dx
     return run
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| (0 for empty outputs)."""
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() if ref.numel() else 0.0
 
 
 def bench_row(name, N, K, M, mode, args, device, timer, bnb) -> dict:
@@ -124,18 +173,29 @@ def bench_row(name, N, K, M, mode, args, device, timer, bnb) -> dict:
     if bnb is not None:
         bq, bqs = bnb.functional.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
         forwards["bitsandbytes"] = lambda x: bnb.matmul_4bit(x, bq.t(), quant_state=bqs)
-    if args.algos and device.type == "cuda" and mode == "fwd":
-        for algo in CUDA_ALGOS:
-            forwards[f"fourbit[{algo}]"] = lambda x, a=algo: gemm_algo(x, q, qs, a)
+    for label in algo_labels(device.type, mode, args.algos):
+        algo = label[len("fourbit["):-1]
+        forwards[label] = lambda x, a=algo: _AlgoMatmul.apply(x, q, qs, a)
 
     row = {"shape": name, "N": N, "K": K, "M": M, "mode": mode, "ms": {}, "ratio_vs_bf16": {}}
     with torch.no_grad():
         ref = forwards["deq+linear"](X).float()
         got = forwards["fourbit"](X).float()
-    rel = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() if ref.numel() else 0.0
+    rel = relative_error(got, ref)
     row["fourbit_rel_error_vs_deq_linear"] = rel
     if rel > MAX_REL_ERROR:
         print(f"WARNING {name} M={M}: fourbit differs from deq+linear by {rel:.3g} (relative)", file=sys.stderr)
+    row["algo_rel_error_vs_deq_linear"] = {}
+    for label in (k for k in forwards if k.startswith("fourbit[")):
+        try:
+            with torch.no_grad():
+                r = relative_error(forwards[label](X).float(), ref)
+        except Exception as e:  # recorded in the timing below as well
+            print(f"{label} failed on {name} M={M}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        row["algo_rel_error_vs_deq_linear"][label] = r
+        if r > MAX_REL_ERROR:
+            print(f"WARNING {name} M={M}: {label} differs from deq+linear by {r:.3g} (relative)", file=sys.stderr)
     for label, fwd in forwards.items():
         fn = with_backward(fwd, X, dY) if mode == "fwd+bwd" else (lambda f=fwd: f(X))
         try:
@@ -148,6 +208,14 @@ def bench_row(name, N, K, M, mode, args, device, timer, bnb) -> dict:
     base = row["ms"].get("torch_bf16")
     for label, t in row["ms"].items():
         row["ratio_vs_bf16"][label] = (t / base) if (t and base) else None
+    # Roofline units: TFLOP/s of the products (2MNK per product; fwd+bwd has two) and the
+    # GB/s at which the 4-bit weight (codes + nested scales) would have to stream for that time.
+    products = 2 if mode == "fwd+bwd" else 1
+    row["tflop"] = 2.0 * M * N * K * products / 1e12
+    row["weight_4bit_bytes"] = q.numel() * q.element_size() + qs.absmax.nbytes
+    row["tflop_s"] = {k: (row["tflop"] / (t * 1e-3) if t else None) for k, t in row["ms"].items()}
+    row["weight_4bit_gb_s"] = {k: (row["weight_4bit_bytes"] * products / (t * 1e-3) / 1e9 if t else None)
+                               for k, t in row["ms"].items()}
     return row
 
 
@@ -172,6 +240,10 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.dry_run:
+        for r in plan_rows(args, device.type, bnb_available=not args.no_bnb):
+            print(f"{r['shape']} {r['N']}x{r['K']} M={r['M']} {r['mode']}: {', '.join(r['labels'])}")
+        return 0
     timer, load = start_run(args, device)
     bnb, bnb_version = (None, None) if args.no_bnb else load_bnb(device)
     rows = []

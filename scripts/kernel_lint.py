@@ -63,6 +63,13 @@ KERNELS = [
      "memory bound on the packed weight: >= 32 warps per SM to cover HBM latency"),
     (r"tiled_4bit_kernel", True, 2,
      "tensor-core tile: two CTAs per SM overlap one CTA's loads with the other's MMAs"),
+    (r"fused_4bit_kernel", True, 2,
+     "fused fragment-layout GEMM: 4 warps, a 4-stage cp.async pipeline hides HBM latency "
+     "inside one CTA; two CTAs per SM overlap one's epilogue / prologue with the other's MMAs"),
+    (r"fused_4bit_grad_input_kernel", True, 2, "input gradient of the fused GEMM, as fused_4bit_kernel"),
+    (r"fused_splitk_reduce_kernel", False, 4, "split-K partial sums: elementwise, memory bound"),
+    (r"repack_fragments_kernel", False, 4, "one-time weight repack into the fragment layout"),
+    (r"repack_scales_kernel", False, 4, "one-time scale transpose for the fragment layout"),
     (r"small_gemm_kernel", False, 2, "LoRA adapter products: small reductions"),
     (r"adamw_multi_tensor_kernel", True, 2,
      "optimizer step: 16 warps per SM x 8 elements per lane saturate HBM (launch bounds)"),
@@ -186,10 +193,12 @@ def rule_for(name: str):
     return None
 
 
-def lint(jobs: int) -> tuple[list[dict], list[str]]:
+def lint(jobs: int, only: list[str] | None = None) -> tuple[list[dict], list[str]]:
     nvcc = find_tool("nvcc", "NVCC")
     nvdisasm = find_tool("nvdisasm", "NVDISASM")
-    sources = kernel_sources()
+    sources = [s for s in kernel_sources() if not only or s.name in only or s.stem in only]
+    if only and not sources:
+        sys.exit(f"kernel_lint: no kernel file matches --only {' '.join(only)}")
     with tempfile.TemporaryDirectory(prefix="kernel_lint_") as tmp:
         tmp = pathlib.Path(tmp)
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -263,8 +272,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/kernels.md")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc runs")
+    ap.add_argument("--only", nargs="+", metavar="FILE",
+                    help="lint only these cuda/ files (e.g. gemm_4bit_fused.cu); not with --write-docs")
     args = ap.parse_args()
-    rows, errors = lint(args.jobs)
+    if args.only and args.write_docs:
+        ap.error("--write-docs needs every kernel: drop --only")
+    rows, errors = lint(args.jobs, args.only)
     worst = {}
     for r in rows:
         worst[r["arch"]] = max(worst.get(r["arch"], 0), r["regs"])

@@ -2,6 +2,7 @@
 // buffers still work in such a build; see include/fourbit/paging.h.)
 #include "fourbit/error.h"
 #include "fourbit/gemm.h"
+#include "fourbit/gemm_fused.h"
 #include "fourbit/lora.h"
 #include "fourbit/optim.h"
 #include "fourbit/paging.h"
@@ -30,6 +31,19 @@ void dequantize_blockwise_cuda(const DequantizeBlockwiseParams&, cudaStream_t) {
 void gemm_4bit_cuda(const Gemm4bitParams&, cudaStream_t, Gemm4bitAlgo) { no_cuda("gemm_4bit_cuda"); }
 void gemm_4bit_grad_input_cuda(const Gemm4bitGradInputParams&, cudaStream_t, Gemm4bitAlgo) {
   no_cuda("gemm_4bit_grad_input_cuda");
+}
+void repack_4bit_fragments_cuda(const Weight4bit&, uint8_t*, void*, cudaStream_t) {
+  no_cuda("repack_4bit_fragments_cuda");
+}
+int64_t gemm_4bit_fused_workspace_bytes(int64_t, int64_t, int64_t) {
+  no_cuda("gemm_4bit_fused_workspace_bytes");
+}
+void gemm_4bit_fused_cuda(const Gemm4bitFusedParams&, cudaStream_t) { no_cuda("gemm_4bit_fused_cuda"); }
+int64_t gemm_4bit_fused_grad_input_workspace_bytes(int64_t, int64_t, int64_t) {
+  no_cuda("gemm_4bit_fused_grad_input_workspace_bytes");
+}
+void gemm_4bit_fused_grad_input_cuda(const Gemm4bitFusedGradInputParams&, cudaStream_t) {
+  no_cuda("gemm_4bit_fused_grad_input_cuda");
 }
 void lora_4bit_forward_cuda(const Lora4bitForwardParams&, cudaStream_t) {
   no_cuda("lora_4bit_forward_cuda");

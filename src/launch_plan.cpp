@@ -64,6 +64,52 @@ TiledPlan plan_tiled(int64_t M, int64_t cols, int64_t max_ctas) {
   return p;
 }
 
+namespace {
+// Shared by both directions: `cols` output columns, `reduction` summed over.
+FusedPlan plan_fused_tiles(int64_t M, int64_t cols, int64_t reduction, int sm_count, int64_t small_n,
+                           int64_t large_n) {
+  FusedPlan p;
+  p.small = M <= kFusedSmallMaxM;
+  p.tile_m = p.small ? kFusedSmallTileM : kFusedLargeTileM;
+  p.tile_n = p.small ? small_n : large_n;
+  p.row_tiles = ceil_div(M, p.tile_m);
+  p.col_tiles = ceil_div(cols, p.tile_n);
+  FOURBIT_CHECK_ARG(p.col_tiles <= kMaxGridX, "plan_fused: ", cols, " output columns need too many tiles");
+  p.k_stages = ceil_div(reduction, kFusedTileK);
+  const int64_t tiles = p.row_tiles * p.col_tiles;
+  const int64_t want = kFusedWavesTarget * sm_count;
+  int64_t splits = 1;
+  if (tiles > 0 && tiles < want) {
+    splits = std::min({ceil_div(want, tiles), kFusedMaxSplits,
+                       std::max<int64_t>(p.k_stages / kFusedMinStagesPerSplit, 1)});
+  }
+  p.stages_per_split = ceil_div(p.k_stages, splits);
+  p.splits = ceil_div(p.k_stages, p.stages_per_split);  // no empty split
+  p.workspace_bytes = p.splits > 1 ? p.splits * M * cols * 4 : 0;
+  p.grid.x = static_cast<uint32_t>(std::max<int64_t>(p.col_tiles, 1));
+  p.grid.y = static_cast<uint32_t>(std::max<int64_t>(std::min(p.row_tiles, kMaxGridY), 1));
+  p.grid_z = static_cast<uint32_t>(p.splits);
+  return p;
+}
+}  // namespace
+
+FusedPlan plan_fused(int64_t M, int64_t N, int64_t K, int sm_count) {
+  FOURBIT_CHECK_ARG(M >= 0 && N >= 0, "plan_fused: M and N must be >= 0, got ", M, ", ", N);
+  FOURBIT_CHECK_ARG(K > 0 && K % kFusedTileK == 0, "plan_fused: K must be a positive multiple of ",
+                    kFusedTileK, ", got ", K);
+  FOURBIT_CHECK_ARG(sm_count > 0, "plan_fused: sm_count must be > 0, got ", sm_count);
+  return plan_fused_tiles(M, N, K, sm_count, kFusedSmallTileN, kFusedLargeTileN);
+}
+
+FusedPlan plan_fused_grad_input(int64_t M, int64_t N, int64_t K, int sm_count) {
+  FOURBIT_CHECK_ARG(M >= 0 && N >= 0, "plan_fused_grad_input: M and N must be >= 0, got ", M, ", ", N);
+  FOURBIT_CHECK_ARG(K > 0 && K % kFusedTileK == 0, "plan_fused_grad_input: K must be a positive "
+                    "multiple of ", kFusedTileK, ", got ", K);
+  FOURBIT_CHECK_ARG(sm_count > 0, "plan_fused_grad_input: sm_count must be > 0, got ", sm_count);
+  if (N == 0) return plan_fused_tiles(M, K, kFusedTileK, sm_count, kFusedGradSmallTileN, kFusedGradLargeTileN);
+  return plan_fused_tiles(M, K, N, sm_count, kFusedGradSmallTileN, kFusedGradLargeTileN);
+}
+
 bool tensor_cores_usable(DType dtype, int compute_capability) {
   return dtype != DType::Float32 && compute_capability >= 80;
 }

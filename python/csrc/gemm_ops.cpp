@@ -121,6 +121,8 @@ ForwardCall prepare_forward(const at::Tensor& X, const WeightArgs& a,
   call.y = at::empty(with_last_dim(X.sizes(), a.N), X.options());
   p.x = call.x.const_data_ptr();
   p.y = call.y.mutable_data_ptr();
+  call.W = a.W;
+  call.absmax = a.absmax;
   return call;
 }
 
@@ -134,6 +136,8 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_output, const WeightArgs
   call.grad_input = at::empty(with_last_dim(grad_output.sizes(), a.K), grad_output.options());
   p.grad_output = call.grad_output.const_data_ptr();
   p.grad_input = call.grad_input.mutable_data_ptr();
+  call.W = a.W;
+  call.absmax = a.absmax;
   return call;
 }
 
@@ -143,8 +147,9 @@ GemmAlgo parse_gemm_algo(const std::string& name) {
   if (name == "tensor_core") return GemmAlgo::TensorCore;
   if (name == "cuda_core") return GemmAlgo::CudaCore;
   if (name == "dequant_blas" || name == "dequant_cublas") return GemmAlgo::DequantBlas;
+  if (name == "fused") return GemmAlgo::Fused;
   CHECK_ARG(false, "algo must be one of 'auto', 'gemv', 'tensor_core', 'cuda_core', "
-            "'dequant_blas', 'dequant_cublas', got '", name, "'");
+            "'dequant_blas', 'dequant_cublas', 'fused', got '", name, "'");
 }
 
 void gemm_forward_dense(const ForwardCall& call, const at::Tensor& w) {

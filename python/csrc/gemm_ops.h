@@ -47,6 +47,7 @@ struct ForwardCall {
   at::Tensor bias;
   at::Tensor y;
   Gemm4bitParams params;
+  at::Tensor W, absmax;  // the weight's code and scale tensors (algo "fused" keys its cache on them)
 };
 ForwardCall prepare_forward(const at::Tensor& X, const WeightArgs& w,
                             const std::optional<at::Tensor>& bias);
@@ -57,13 +58,15 @@ struct GradInputCall {
   at::Tensor grad_output;
   at::Tensor grad_input;
   Gemm4bitGradInputParams params;
+  at::Tensor W, absmax;  // as ForwardCall
 };
 GradInputCall prepare_grad_input(const at::Tensor& grad_output, const WeightArgs& w);
 
 // The kernel choice of the `algo` argument: the core's Gemm4bitAlgo plus the binding's
 // own dequantize + vendor-BLAS path ("dequant_blas"; "dequant_cublas" is its older CUDA
-// name and means the same on either device).
-enum class GemmAlgo { Auto, Gemv, TensorCore, CudaCore, DequantBlas };
+// name and means the same on either device). "fused": the fragment-layout kernels
+// (cuda/gemm_4bit_fused.cu; CUDA only, explicit: auto never picks them yet).
+enum class GemmAlgo { Auto, Gemv, TensorCore, CudaCore, DequantBlas, Fused };
 GemmAlgo parse_gemm_algo(const std::string& name);
 
 // The CPU's large-M path (gemm_ops.cpp): from kCpuBlasMinRows rows, bf16/fp32 products

@@ -27,6 +27,13 @@ bool grad_input_uses_blas(int64_t M, DType dtype);
 // hands back the same block call after call).
 at::Tensor dequantized_weight(const Weight4bit& w, DType dtype, const at::TensorOptions& options);
 
+// algo="fused": the fragment-layout kernels on the weight's cached fragment copy
+// (python/csrc/fused_ops_cuda.cpp).
+struct ForwardCall;
+struct GradInputCall;
+void fused_forward(const ForwardCall& call);
+void fused_grad_input(const GradInputCall& call);
+
 // Makes the tensor's device current for the op's lifetime.
 struct DeviceGuard {
   explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}

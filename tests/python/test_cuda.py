@@ -350,3 +350,75 @@ def test_dequantize_parity_with_bnb_cuda(bnb_cuda, quant_type, dtype, nested):
                                                       device=CUDA)
             assert_bitwise_equal(bnb_cuda.dequantize_4bit(packed_f, ref_state), ours,
                                  (shape, blocksize))
+
+
+# ---------------------------------------------------------------- fused fragment-layout kernels
+
+import copy  # noqa: E402
+
+from test_matmul import UNIT_ROUNDOFF, assert_close  # noqa: E402
+from test_matmul import gemm as _gemm  # noqa: E402
+from test_matmul import gemm_grad_input as _gemm_grad_input  # noqa: E402
+from test_matmul import quantized_weight as _quantized_weight  # noqa: E402
+
+# (M, N, K, blocksize): odd M and N, K a multiple of 64 and of the blocksize (the fragment
+# layout's requirement); M = 1 / 8 on long K take split-K, M > 16 the 64-row tile.
+FUSED_SHAPES = [(1, 8, 64, 64), (3, 40, 192, 32), (1, 37, 128, 64), (17, 200, 640, 128), (33, 1000, 256, 256),
+                (130, 72, 512, 64), (3, 64, 1024, 64), (1, 37, 2048, 128), (2, 1024, 128, 64),
+                (300, 136, 1024, 1024)]
+# Llama-sized: long split-K runs (the "large" in the name keeps them out of gpu_check's sanitizer stage).
+FUSED_LARGE_SHAPES = [(1, 4096, 4096, 64), (8, 1024, 14336, 64), (64, 4096, 4096, 64)]
+
+
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_fused_matches_cpu_twin(dtype, quant_type, nested):
+    """algo="fused" (fragment layout, cp.async pipeline, mma.sync, split-K) and the CPU twin
+    both within the documented bound of the float64 product (the fused kernel rounds the
+    weight once to the activation dtype: u_w = u of bf16/fp16), forward with bias and the
+    input gradient (N % 8 == 0). Odd M and N, blocksize 32..1024, 2- and 4-way split-K
+    (forward), 2-way (input gradient)."""
+    _check_fused(dtype, quant_type, nested, FUSED_SHAPES)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_fused_matches_cpu_twin_large_shapes(dtype):
+    """The same on Llama-8B-sized shapes (nested NF4, blocksize 64): 5- to 16-way split-K."""
+    _check_fused(dtype, "nf4", True, FUSED_LARGE_SHAPES)
+
+
+def _check_fused(dtype, quant_type, nested, shapes):
+    for M, N, K, blocksize in shapes:
+        q, qs, Wd = _quantized_weight(N, K, quant_type, nested, blocksize, device="cuda")
+        X = torch.randn(M, K).to(dtype).cuda()
+        bias = torch.randn(N).to(dtype).cuda()
+        got = _gemm(X, q, qs, bias, algo="fused")
+        assert_close(got, X, Wd.t(), bias, weight_roundoff=UNIT_ROUNDOFF[dtype])
+        qs_cpu = copy.deepcopy(qs)
+        qs_cpu.to("cpu")  # in place, as bitsandbytes' QuantState.to
+        cpu = _gemm(X.cpu(), q.cpu(), qs_cpu, bias.cpu())
+        assert_close(cpu, X, Wd.t(), bias, weight_roundoff=UNIT_ROUNDOFF[dtype])
+        if N % 8 == 0:
+            dY = torch.randn(M, N).to(dtype).cuda()
+            assert_close(_gemm_grad_input(dY, q, qs, algo="fused"), dY, Wd, None,
+                         weight_roundoff=UNIT_ROUNDOFF[dtype])
+
+
+def test_fused_cache_sees_in_place_writes_and_rejects_unsupported_shapes():
+    """The fragment copy is rebuilt after an in-place write to the weight; shapes outside
+    the layout (K % 64 != 0) and fp32 activations are refused with a ValueError."""
+    q, qs, _ = _quantized_weight(64, 128, "nf4", False, 64, device="cuda")
+    X = torch.randn(5, 128, dtype=torch.bfloat16, device="cuda")
+    first = _gemm(X, q, qs, algo="fused")
+    q2, qs2, Wd2 = _quantized_weight(64, 128, "nf4", False, 64, device="cuda")
+    q.copy_(q2)
+    qs.absmax.copy_(qs2.absmax)
+    again = _gemm(X, q, qs, algo="fused")
+    assert not torch.equal(first, again)
+    assert_close(again, X, Wd2.t(), None, weight_roundoff=UNIT_ROUNDOFF[torch.bfloat16])
+    q3, qs3, _ = _quantized_weight(16, 96, "nf4", False, 32, device="cuda")
+    with pytest.raises(ValueError, match="K % 64 == 0"):
+        _gemm(torch.randn(2, 96, dtype=torch.bfloat16, device="cuda"), q3, qs3, algo="fused")
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        _gemm(torch.randn(2, 128, device="cuda"), q, qs, algo="fused")

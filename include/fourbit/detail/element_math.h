@@ -147,10 +147,14 @@ FOURBIT_HD int nibble_of(uint32_t byte, int64_t i) {
 // fp32 scale of block b, decoding the double-quantized form when present. Two separate
 // fp32 roundings (multiply, then add), as bitsandbytes' two passes do. nested_blocksize is
 // a power of two (validated), so its block is found by a shift.
+FOURBIT_HD float nested_scale(float nested_code_value, float nested_absmax, float offset) {
+  return add_rn(mul_rn(nested_code_value, nested_absmax), offset);
+}
+
 FOURBIT_HD float block_scale(const BlockScales& s, int64_t b) {
   if (s.absmax_q == nullptr) return s.absmax[b];
   const int64_t nested_block = b >> log2_pow2(s.nested_blocksize);
-  return add_rn(mul_rn(s.nested_code[s.absmax_q[b]], s.nested_absmax[nested_block]), *s.offset);
+  return nested_scale(s.nested_code[s.absmax_q[b]], s.nested_absmax[nested_block], *s.offset);
 }
 
 // One decoded weight: codebook value times block scale, one rounding.

@@ -82,6 +82,43 @@ struct TiledPlan {
 };
 TiledPlan plan_tiled(int64_t M, int64_t cols, int64_t max_ctas);
 
+// Fused fragment-layout kernel (cuda/gemm_4bit_fused.cu). Two CTA shapes, 4 warps each:
+// "small" 16 x 128 (one m16 fragment row, 4 warps side by side over N: decode-bound M,
+// every warp streams its own weight) and "large" 64 x 64 (2 x 2 warps of 32 x 32: the
+// activation tile is reused over twice as many columns per weight byte).
+constexpr int kFusedThreads = 128;
+constexpr int64_t kFusedSmallMaxM = 16;   // M up to this takes the 16-row tile
+constexpr int64_t kFusedSmallTileM = 16, kFusedSmallTileN = 128;
+constexpr int64_t kFusedLargeTileM = 64, kFusedLargeTileN = 64;
+constexpr int64_t kFusedTileK = 64;       // one fragment tile deep per pipeline stage
+constexpr int kFusedStages = 4;           // cp.async stages in flight (3 loads ahead of the math)
+// Split-K: when the output tiles give fewer than kFusedWavesTarget CTAs per SM, the reduction
+// is cut into splits of at least kFusedMinStagesPerSplit stages (so each split still fills its
+// pipeline), at most kFusedMaxSplits (the fp32 partial sums cost splits x M x N x 4 bytes).
+constexpr int64_t kFusedWavesTarget = 2;
+constexpr int64_t kFusedMinStagesPerSplit = 8;
+constexpr int64_t kFusedMaxSplits = 16;
+
+struct FusedPlan {
+  bool small = true;          // which CTA tile
+  int64_t tile_m = 0, tile_n = 0;
+  int64_t row_tiles = 0, col_tiles = 0;
+  int64_t k_stages = 0;       // K / kFusedTileK
+  int64_t splits = 1;         // K ranges; > 1 writes fp32 partials to the workspace
+  int64_t stages_per_split = 0;
+  int64_t workspace_bytes = 0;  // splits > 1: splits * M * N * 4
+  Grid grid;                  // x: column tiles, y: row tiles (grid-stride beyond 65535)
+  uint32_t grid_z = 1;        // splits
+};
+// Requires K % kFusedTileK == 0 (the fragment layout); M, N >= 0; sm_count > 0.
+FusedPlan plan_fused(int64_t M, int64_t N, int64_t K, int sm_count);
+
+// Input gradient dX[M, K] = dY[M, N] deq(W) on the same fragments: output columns are k (a warp
+// owns one 64-deep fragment column, so the small tile is 16 x 256 and the large 64 x 128);
+// the reduction runs over n in stages of kFusedTileK rows of W (the last one zero-padded).
+constexpr int64_t kFusedGradSmallTileN = 256, kFusedGradLargeTileN = 128;
+FusedPlan plan_fused_grad_input(int64_t M, int64_t N, int64_t K, int sm_count);
+
 // Which path a 4-bit matmul takes. `has_blas`: the caller can run a dense GEMM (the torch
 // binding, through cuBLAS); the core alone cannot.
 enum class MatmulPath { Gemv, DequantizeBlas, TensorCoreTiled, CudaCoreTiled };

@@ -41,5 +41,21 @@ FOURBIT_HD Coord acc(int lane, int c) {
   return Coord{(lane >> 2) + (c >= 2 ? 8 : 0), (lane & 3) * 2 + (c & 1)};
 }
 
+// Hopper wgmma.mma_async.m64nNk16 (sm90a), for the warpgroup path still to be built (issue
+// 14, item 3). f32 accumulators: warp w of the warpgroup owns rows 16 w .. 16 w + 15, and its
+// register r (0 .. N / 2 - 1) is acc(lane, r % 4) of the 16 x 8 column block r / 4.
+FOURBIT_HD Coord wgmma_acc(int warp, int lane, int r) {
+  const Coord c = acc(lane, r & 3);
+  return Coord{16 * warp + c.row, 8 * (r >> 2) + c.col};
+}
+
+// A from registers (16-bit types): warp w holds rows 16 w .. 16 w + 15 of the 64 x 16 A tile;
+// register q (0..3) of `lane` holds (row, col) and (row, col + 1), laid out as mma.m16n8k16's A.
+// The fragment layout's words are exactly this for W as A (Y^T = W X^T): register q of k16
+// step s is the (n8 half j = q % 2, pair r = q / 2) of frag::decode_word (test_fragment_layout).
+FOURBIT_HD Coord wgmma_a_reg(int warp, int lane, int q) {
+  return Coord{16 * warp + (lane >> 2) + 8 * (q & 1), 2 * (lane & 3) + 8 * (q >> 1)};
+}
+
 }  // namespace mma
 }  // namespace fourbit
