@@ -14,7 +14,8 @@
 //       measured the first time it is used: both paths run on a probe (the weight's first
 //       rows, min(M class, kProbeMaxRows) activation rows, capped at kProbeFlops and
 //       kProbeWeightElems), best of kProbeRuns after a warm-up, and the faster one is kept.
-//   static: the fixed rule (blas from kCpuBlasMinRows rows; on AMX from kCpuBlasMinRowsAmx).
+//   static: the fixed rule (blas from kCpuBlasMinRows rows; bf16 on AMX from
+//       kCpuBlasMinRowsAmx).
 //   fused / blas: always that path.
 //
 // Reproducibility: the two paths round differently, so a training run resumed in another
@@ -303,10 +304,14 @@ void write_cache(const std::string& path, const std::map<std::string, std::strin
   }
 }
 
+// The fixed rule's threshold: AMX speeds up oneDNN's bf16 GEMM only (fp32 stays on AVX-512).
+int64_t static_min_rows(DType dtype) {
+  return cpu_isa() == CpuIsa::Amx && dtype == DType::BFloat16 ? kCpuBlasMinRowsAmx
+                                                                : kCpuBlasMinRows;
+}
+
 bool static_rule(int64_t M, DType dtype) {
-  if (dtype == DType::Float16) return false;
-  const int64_t min_rows = cpu_isa() == CpuIsa::Amx ? kCpuBlasMinRowsAmx : kCpuBlasMinRows;
-  return M >= min_rows;
+  return dtype != DType::Float16 && M >= static_min_rows(dtype);
 }
 
 // Best seconds of each of two runs, alternated (fused, blas, fused, ...) after one warm-up
@@ -476,8 +481,7 @@ std::string cpu_matmul_info_json() {
      << ", \"cpu\": " << json_string(cpu_model_name()) << ", \"threads\": " << at::get_num_threads()
      << ", \"mode\": " << json_string(mode_name(mode)) << ", \"machine_key\": "
      << json_string(machine_key()) << ", \"cache_file\": " << json_string(cache_path())
-     << ", \"static_blas_min_rows\": "
-     << (cpu_isa() == CpuIsa::Amx ? kCpuBlasMinRowsAmx : kCpuBlasMinRows)
+     << ", \"static_blas_min_rows\": " << static_min_rows(DType::BFloat16)
      << ", \"auto_blas_min_rows\": " << kCpuBlasMinRows << ", \"measurements\": " << st.measurements
      << ", \"last\": {\"forward\": " << json_string(st.last_forward)
      << ", \"grad_input\": " << json_string(st.last_grad_input) << "}, \"choices\": {";
