@@ -16,7 +16,7 @@
 //       kProbeWeightElems), best of kProbeRuns after a warm-up, and the faster one is kept.
 //   static: the fixed rule (blas from kCpuBlasMinRows rows; bf16 on AMX from
 //       kCpuBlasMinRowsAmx).
-//   fused / blas: always that path.
+//   fused / blas: always that path (bf16 and fp32; fp16 is fused in every mode).
 //
 // Reproducibility: the two paths round differently, so a training run resumed in another
 // process must make the choices the first process made. Every measured choice is written
@@ -417,10 +417,12 @@ bool choose(const ShapeClass& c, const Weight4bit& weight) {
   const bool log = read_log();
   State& st = state();
   bool blas = false;
-  if (mode == Mode::Fused || mode == Mode::Blas) {
+  if (c.dtype == DType::Float16) {
+    blas = false;  // every mode: ATen's fp16 CPU GEMM is slow, and its fp16 weight less exact
+  } else if (mode == Mode::Fused || mode == Mode::Blas) {
     blas = mode == Mode::Blas;
-  } else if (mode == Mode::Static || c.dtype == DType::Float16 || c.M >= kCpuBlasMinRows) {
-    blas = mode == Mode::Static ? static_rule(c.M, c.dtype) : c.dtype != DType::Float16;
+  } else if (mode == Mode::Static || c.M >= kCpuBlasMinRows) {
+    blas = mode == Mode::Static ? static_rule(c.M, c.dtype) : true;
   } else {
     const std::string key = machine_key() + "||" + c.key();
     std::lock_guard<std::mutex> lock(st.mu);

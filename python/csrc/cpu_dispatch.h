@@ -12,9 +12,9 @@
 namespace fourbit {
 namespace binding {
 
-// True if the call should take the dequantize + GEMM path. Reads FOURBIT_CPU_MATMUL
-// (auto | static | fused | blas; anything else is a ValueError naming the variable and
-// the value) on every call; in auto mode a shape class not seen before on this machine is
+// True if the call should take the dequantize + GEMM path (never for fp16). Reads
+// FOURBIT_CPU_MATMUL (auto | static | fused | blas; anything else is a ValueError naming
+// the variable and the value) on every call; in auto mode a shape class not seen before on this machine is
 // measured once on a probe (a few ms), and the choice kept in memory and in the cache file.
 bool cpu_forward_uses_blas(const ForwardCall& call);
 bool cpu_grad_input_uses_blas(const GradInputCall& call);

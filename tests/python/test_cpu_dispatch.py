@@ -183,3 +183,11 @@ def test_bad_disable_amx_value_is_a_value_error(tmp_path):
     e = dict(os.environ, FOURBIT_DISABLE_AMX="yes")
     r = subprocess.run([sys.executable, "-c", script], env=e, capture_output=True, text=True, timeout=120)
     assert "ValueError:" in r.stdout and "FOURBIT_DISABLE_AMX" in r.stdout and "'yes'" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("mode", ["auto", "static", "fused", "blas"])
+def test_fp16_is_fused_in_every_mode(monkeypatch, mode):
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", mode)
+    q, qs = weight(64, 128, dtype=torch.float16)
+    fourbit.matmul_4bit(torch.randn(2048, 128, dtype=torch.float16), q.t(), qs)
+    assert info()["last"]["forward"] == "fused"
