@@ -51,6 +51,10 @@ template <> inline void AmxTiles::zero<0>() { _tile_zero(0); }
 template <> inline void AmxTiles::zero<1>() { _tile_zero(1); }
 template <> inline void AmxTiles::zero<2>() { _tile_zero(2); }
 template <> inline void AmxTiles::zero<3>() { _tile_zero(3); }
+template <> inline void AmxTiles::load<0>(const void* s, int64_t st) { _tile_loadd(0, s, st); }
+template <> inline void AmxTiles::load<1>(const void* s, int64_t st) { _tile_loadd(1, s, st); }
+template <> inline void AmxTiles::load<2>(const void* s, int64_t st) { _tile_loadd(2, s, st); }
+template <> inline void AmxTiles::load<3>(const void* s, int64_t st) { _tile_loadd(3, s, st); }
 template <> inline void AmxTiles::load<4>(const void* s, int64_t st) { _tile_loadd(4, s, st); }
 template <> inline void AmxTiles::load<5>(const void* s, int64_t st) { _tile_loadd(5, s, st); }
 template <> inline void AmxTiles::load<6>(const void* s, int64_t st) { _tile_loadd(6, s, st); }

@@ -19,9 +19,10 @@
 //
 // A 32 x 32 output block is 2 x 2 C tiles (tmm0..3) fed by two A tiles (tmm4, 5: rows 0-15,
 // 16-31) and two B tiles (tmm6, 7: columns 0-15, 16-31): 4 tile products per 4 tile loads,
-// 32 x 32 x 32 multiply-adds each step. A short last step (pairs % 16) or a short row
-// block (rows < 32) goes through zero-padded copies in L1 (2 KiB each), so the tile loads
-// never read past an operand.
+// 32 x 32 x 32 multiply-adds each step. A full 32-row block accumulates into the caller's
+// fp32 C in place (C tiles loaded and stored with its row stride); a short row block
+// (rows < 32) and a short last step (pairs % 16) go through zero-padded copies in L1
+// (2-4 KiB each), so the tile loads never read or write past an operand.
 //
 // Why it is fast: one TDPBF16PS is 16 x 16 x 32 multiply-adds (16x a vdpbf16ps), and the
 // weight reaches the tiles as decoded bf16 pairs built from the 4-bit codes in L2-sized
@@ -55,11 +56,23 @@ void tile_micro_kernel(Tiles& tiles, int rows, int64_t pairs, const uint32_t* A,
   alignas(64) uint32_t a_pad[kAmxMicroRows][kTilePairs];
   alignas(64) uint32_t b_pad[kTilePairs][kAmxMicroCols];
   alignas(64) float c_out[kAmxMicroRows][kAmxMicroCols];
+  // A full 32-row block accumulates into C in place (C tiles loaded from and stored to the
+  // caller's fp32 accumulator); a short one into zeroed tiles added to C row by row after.
+  const bool in_place = rows == kAmxMicroRows;
+  const int64_t c_stride = ldc * static_cast<int64_t>(sizeof(float));
+  const int64_t half = kTileBytes / 4;  // the second column tile's offset, in floats
   tiles.config();
-  tiles.template zero<0>();
-  tiles.template zero<1>();
-  tiles.template zero<2>();
-  tiles.template zero<3>();
+  if (in_place) {
+    tiles.template load<0>(C, c_stride);
+    tiles.template load<1>(C + half, c_stride);
+    tiles.template load<2>(C + kTileRows * ldc, c_stride);
+    tiles.template load<3>(C + kTileRows * ldc + half, c_stride);
+  } else {
+    tiles.template zero<0>();
+    tiles.template zero<1>();
+    tiles.template zero<2>();
+    tiles.template zero<3>();
+  }
   for (int64_t p0 = 0; p0 < pairs; p0 += kTilePairs) {
     const int64_t np = std::min(kTilePairs, pairs - p0);
     const uint32_t* a = A + p0;
@@ -91,11 +104,19 @@ void tile_micro_kernel(Tiles& tiles, int rows, int64_t pairs, const uint32_t* A,
     tiles.template dp<2, 5, 6>();
     tiles.template dp<3, 5, 7>();
   }
+  if (in_place) {
+    tiles.template store<0>(C, c_stride);
+    tiles.template store<1>(C + half, c_stride);
+    tiles.template store<2>(C + kTileRows * ldc, c_stride);
+    tiles.template store<3>(C + kTileRows * ldc + half, c_stride);
+    tiles.release();
+    return;
+  }
   constexpr int64_t kStride = kAmxMicroCols * sizeof(float);
   tiles.template store<0>(&c_out[0][0], kStride);
-  tiles.template store<1>(&c_out[0][kTileBytes / 4], kStride);
+  tiles.template store<1>(&c_out[0][half], kStride);
   tiles.template store<2>(&c_out[kTileRows][0], kStride);
-  tiles.template store<3>(&c_out[kTileRows][kTileBytes / 4], kStride);
+  tiles.template store<3>(&c_out[kTileRows][half], kStride);
   tiles.release();
   for (int i = 0; i < rows; ++i) {
     for (int j = 0; j < kAmxMicroCols; ++j) C[i * ldc + j] += c_out[i][j];
