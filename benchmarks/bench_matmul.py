@@ -29,6 +29,13 @@ Correctness guard (outside the timing): each fourbit forward is compared with th
 deq+linear result once per row; a relative error above 2^-6 is printed as a warning and
 recorded in the JSON.
 
+CPU: the run's header (stderr and JSON) names the CPU model and the ISA class fourbit's
+kernels use (``torch.ops.fourbit.cpu_matmul_info``), and each row the path fourbit's op took
+("fused" or "blas" = dequantize into a workspace + oneDNN; "fused/blas" for the forward and
+input gradient of a fwd+bwd row), as chosen by FOURBIT_CPU_MATMUL (auto: measured per shape
+class at first use, cached; docs/kernels.md). The first call of a shape class (the warm-up)
+pays that measurement.
+
 Output: a markdown table on stdout and a JSON file (default
 benchmarks/results/matmul_<device>.json) that also has, per row and column, TFLOP/s and the
 GB/s the 4-bit weight streams at (the roofline units of a compute- and a memory-bound product).
@@ -43,6 +50,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -104,6 +112,11 @@ def load_bnb(device):
         print(f"bitsandbytes unavailable ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})",
               file=sys.stderr)
         return None, None
+
+
+def cpu_dispatch_info() -> dict:
+    """fourbit's CPU matmul dispatch state: ISA class, mode, the last path of each op."""
+    return json.loads(torch.ops.fourbit.cpu_matmul_info())
 
 
 def gemm_algo(X, q, qs, algo):
@@ -202,6 +215,9 @@ def bench_row(name, N, K, M, mode, args, device, timer, bnb) -> dict:
             with torch.inference_mode(mode == "fwd"):
                 median, _ = timer([fn])
             row["ms"][label] = median * 1e3
+            if label == "fourbit" and device.type == "cpu":
+                last = cpu_dispatch_info()["last"]
+                row["fourbit_path"] = last["forward"] if mode == "fwd" else f"{last['forward']}/{last['grad_input']}"
         except Exception as e:  # a library without a kernel for this case: record, go on
             print(f"{label} failed on {name} M={M} {mode}: {type(e).__name__}: {e}", file=sys.stderr)
             row["ms"][label] = None
@@ -223,8 +239,10 @@ def markdown(rows: list[dict]) -> str:
     labels = [k for k in rows[0]["ms"]] if rows else []
     for r in rows:
         labels += [k for k in r["ms"] if k not in labels]
-    head = "| weight | M | mode | " + " | ".join(f"{k} ms" for k in labels) + " | fourbit / bf16 | bnb / bf16 |"
-    lines = [head, "|" + "---|" * (3 + len(labels) + 2)]
+    path = any("fourbit_path" in r for r in rows)
+    head = ("| weight | M | mode | " + " | ".join(f"{k} ms" for k in labels) + " | fourbit / bf16 | bnb / bf16 |"
+            + (" fourbit path |" if path else ""))
+    lines = [head, "|" + "---|" * (3 + len(labels) + 2 + path)]
 
     def f(x: Optional[float], spec=".3f") -> str:
         return "-" if x is None else format(x, spec)
@@ -233,7 +251,8 @@ def markdown(rows: list[dict]) -> str:
         cells = [f(r["ms"].get(k)) for k in labels]
         lines.append(f"| {r['shape']} {r['N']}x{r['K']} | {r['M']} | {r['mode']} | " + " | ".join(cells)
                      + f" | {f(r['ratio_vs_bf16'].get('fourbit'), '.2f')} | "
-                     f"{f(r['ratio_vs_bf16'].get('bitsandbytes'), '.2f')} |")
+                     f"{f(r['ratio_vs_bf16'].get('bitsandbytes'), '.2f')} |"
+                     + (f" {r.get('fourbit_path', '-')} |" if path else ""))
     return "\n".join(lines)
 
 
@@ -246,6 +265,13 @@ def main(argv=None) -> int:
         return 0
     timer, load = start_run(args, device)
     bnb, bnb_version = (None, None) if args.no_bnb else load_bnb(device)
+    cpu_fields = {}
+    if device.type == "cpu":
+        info = cpu_dispatch_info()
+        cpu_fields = {"cpu_model": info["cpu"], "cpu_isa": info["isa"], "cpu_matmul_mode": info["mode"],
+                      "cpu_matmul_cache": info["cache_file"]}
+        print(f"CPU: {info['cpu']}, fourbit ISA class {info['isa']}, {info['threads']} threads, "
+              f"FOURBIT_CPU_MATMUL={info['mode']}", file=sys.stderr, flush=True)
     rows = []
     shapes = [s for s in LLAMA_8B_SHAPES if s[0] in args.shapes]
     for name, N, K in shapes:
@@ -254,9 +280,11 @@ def main(argv=None) -> int:
                 row = bench_row(name, N, K, M, mode, args, device, timer, bnb)
                 rows.append(row)
                 print(f"{name} M={M} {mode}: " + ", ".join(
-                    f"{k} {v:.3f} ms" for k, v in row["ms"].items() if v is not None), file=sys.stderr, flush=True)
+                    f"{k} {v:.3f} ms" for k, v in row["ms"].items() if v is not None)
+                    + (f" (fourbit path {row['fourbit_path']})" if "fourbit_path" in row else ""),
+                    file=sys.stderr, flush=True)
     return finish_run(args, argv, device, timer, load, markdown(rows), rows, benchmark="matmul_4bit",
-                      bitsandbytes=bnb_version, dtype=str(DTYPE), format="nf4, nested, blocksize 64")
+                      bitsandbytes=bnb_version, dtype=str(DTYPE), format="nf4, nested, blocksize 64", **cpu_fields)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@
 
 #include "dequantize_4bit_avx512.h"
 #include "element_io.h"
+#include "fourbit/cpu_features.h"
 #include "fourbit/gemm.h"
 #include "gemm_4bit_kernels.h"
+#include "gemm_4bit_tiles.h"
 
 namespace fourbit {
 namespace detail {
@@ -223,6 +225,21 @@ void blocked_product(const T* A, int64_t M, int64_t R, int64_t cols, const FillB
                                     task, finish);
 }
 
+// A bf16 micro-kernel (C[rows][shape.cols] += A . B over pair words) and its output block:
+// AVX-512's 6 x 64 register tile, or AMX's 32 x 32 block of 2 x 2 tiles (gemm_4bit_tiles.h).
+using Bf16MicroFn = void (*)(int rows, int64_t pairs, const uint32_t* A, int64_t lda,
+                             const uint32_t* B, int64_t ldb, float* C, int64_t ldc);
+struct Bf16Micro {
+  MicroShape shape;
+  Bf16MicroFn fn;
+};
+constexpr MicroShape kAmxMicro{kAmxMicroRows, kAmxMicroCols};
+// The bf16 products' kernel on this CPU: AMX tiles where cpu_isa() is Amx, else AVX-512.
+inline Bf16Micro bf16_micro() {
+  if (cpu_isa() == CpuIsa::Amx) return {kAmxMicro, micro_kernel_bf16_amx};
+  return {kBf16Micro, micro_kernel_bf16_avx512};
+}
+
 struct Bf16Scratch {
   std::vector<uint32_t> b_tile = std::vector<uint32_t>(kRedTile / 2 * kColTile);
   std::vector<uint32_t> a_pack = std::vector<uint32_t>(kRowChunkBf16 * kRedTile / 2);
@@ -231,17 +248,18 @@ struct Bf16Scratch {
 // The bf16 twin of blocked_product (AVX512_BF16 only). B comes from `fill_pairs(r0, rlen,
 // c0, clen, tile, ld)`: tile[p * ld + j] = the pair (B[r0 + 2p][c0 + j], B[r0 + 2p + 1][c0 +
 // j]), zero past rlen and for clen <= j < ld.
+// `micro` is the kernel that sweeps the tile (bf16_micro() unless a test forces one).
 template <typename FillPairs, typename Finish>
 void blocked_product_bf16(const BFloat16* A, int64_t M, int64_t R, int64_t cols,
                           const FillPairs& fill_pairs, const Finish& finish,
-                          int64_t extra_flops = 0) {
+                          int64_t extra_flops = 0, Bf16Micro micro = bf16_micro()) {
   const Bf16Bits* a_bits = reinterpret_cast<const Bf16Bits*>(A);
   const bool in_place = R % 2 == 0 && reinterpret_cast<uintptr_t>(A) % 4 == 0;
   auto task = [&](const OutputTile& t, Bf16Scratch& s, float* acc) {
     for (int64_t r0 = 0; r0 < R; r0 += kRedTile) {
       const int64_t rlen = std::min(kRedTile, R - r0);
       const int64_t pairs = (rlen + 1) / 2;
-      fill_panels(fill_pairs, r0, rlen, pairs, t, kBf16Micro, s.b_tile.data());
+      fill_panels(fill_pairs, r0, rlen, pairs, t, micro.shape, s.b_tile.data());
       // Activation rows as pair words: in place when every row starts on a word (even R,
       // 4-byte aligned A); otherwise a copy, with a zero partner for an odd last element.
       const uint32_t* a = nullptr;
@@ -259,14 +277,14 @@ void blocked_product_bf16(const BFloat16* A, int64_t M, int64_t R, int64_t cols,
         a = s.a_pack.data();
         lda = pairs;
       }
-      sweep_micro_kernel(t, kBf16Micro, [&](int rows, int64_t m, int64_t c) {
-        micro_kernel_bf16_avx512(rows, pairs, a + m * lda, lda, s.b_tile.data() + c * pairs,
-                                 kMicroColsBf16, acc + m * t.ld + c, t.ld);
+      sweep_micro_kernel(t, micro.shape, [&](int rows, int64_t m, int64_t c) {
+        micro.fn(rows, pairs, a + m * lda, lda, s.b_tile.data() + c * pairs, micro.shape.cols,
+                 acc + m * t.ld + c, t.ld);
       });
     }
   };
   for_each_output_tile<Bf16Scratch>(M, cols, M * R * cols + extra_flops, kRowChunkBf16,
-                                    kBf16Micro, task, finish);
+                                    micro.shape, task, finish);
 }
 
 // ------------------------------------------------------------------ the weight as B

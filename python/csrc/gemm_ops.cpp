@@ -11,16 +11,16 @@
 // kernels), or "dequant_blas" (alias "dequant_cublas"): dequantize once, then the vendor
 // BLAS (cuBLAS / oneDNN through ATen).
 //
-// CPU choice for algo="auto": bf16/fp32 with M >= kCpuBlasMinRows -> dequantize into a
-// per-thread workspace + ATen's matmul; otherwise the core's tile-decoding kernels. At
-// such M the GEMM is compute bound and oneDNN's bf16 GEMM is faster than the core's
-// (docs/BENCHMARKS.md), while the one pass over the weight costs a few percent; the
+// CPU choice for algo="auto" (cpu_dispatch.cpp, per CPU class and shape class, measured
+// once and cached; FOURBIT_CPU_MATMUL overrides): the core's tile-decoding kernels, or a
+// dequantize into a per-thread workspace + ATen's matmul (oneDNN; AMX where present). The
 // workspace is reused because a fresh CPU allocation of a full weight costs page faults
 // worth several dequantize passes. fp16 stays on the core: ATen has no fast fp16 CPU GEMM.
 // Autograd (register_autograd) and fake kernels are in python/fourbit/_ops.py.
 #include "gemm_ops.h"
 
 #include "checks.h"
+#include "cpu_dispatch.h"
 
 TORCH_LIBRARY_FRAGMENT(fourbit, m) {
   m.def("gemm_4bit(Tensor X, Tensor W, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code,"
@@ -207,15 +207,16 @@ struct NoGuard {
   explicit NoGuard(const at::Tensor&) {}
 };
 
-bool use_blas(GemmAlgo algo, int64_t M, fourbit::DType dtype) {
+template <typename Call>
+bool use_blas(GemmAlgo algo, const Call& call, bool (*auto_choice)(const Call&)) {
   if (algo != GemmAlgo::Auto) return algo == GemmAlgo::DequantBlas;
-  return fourbit::binding::cpu_prefers_blas(M, dtype);
+  return auto_choice(call);
 }
 
 void cpu_forward(const ForwardCall& call) {
   const fourbit::Gemm4bitParams& p = call.params;
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
-  if (p.M > 0 && p.weight.N > 0 && p.weight.K > 0 && use_blas(algo, p.M, p.dtype)) {
+  if (p.M > 0 && p.weight.N > 0 && p.weight.K > 0 && use_blas(algo, call, fourbit::binding::cpu_forward_uses_blas)) {
     fourbit::binding::gemm_forward_dense(
         call, fourbit::binding::dequantized_weight_cpu(p.weight, p.dtype, call.x.scalar_type()));
     return;
@@ -226,7 +227,7 @@ void cpu_forward(const ForwardCall& call) {
 void cpu_grad_input(const GradInputCall& call) {
   const fourbit::Gemm4bitGradInputParams& p = call.params;
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
-  if (p.M > 0 && p.weight.N > 0 && p.weight.K > 0 && use_blas(algo, p.M, p.dtype)) {
+  if (p.M > 0 && p.weight.N > 0 && p.weight.K > 0 && use_blas(algo, call, fourbit::binding::cpu_grad_input_uses_blas)) {
     fourbit::binding::gemm_grad_input_dense(
         call, fourbit::binding::dequantized_weight_cpu(p.weight, p.dtype, call.grad_output.scalar_type()));
     return;

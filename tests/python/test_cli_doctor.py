@@ -50,3 +50,14 @@ def test_openmp_wait_check(monkeypatch):
     monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
     ok = doctor.openmp_wait_check(threads=2, cores=2)
     assert ok.status == "PASS" and "GOMP_SPINCOUNT=1000" in ok.found
+
+
+def test_cpu_matmul_check(monkeypatch):
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", "static")
+    ok = doctor.cpu_matmul_check()
+    assert ok.status in ("PASS", "WARN") and "ISA class" in ok.found and "fixed rule" in ok.found
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", "auto")
+    assert "measured per shape class" in doctor.cpu_matmul_check().found
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", "quick")
+    bad = doctor.cpu_matmul_check()
+    assert bad.status == "FAIL" and "FOURBIT_CPU_MATMUL" in bad.found and "'quick'" in bad.found

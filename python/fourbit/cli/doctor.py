@@ -69,7 +69,40 @@ def cpu_checks() -> list[Check]:
                      "avx512_bf16 present" if bf16 else "no avx512_bf16 flag",
                      "" if bf16 else "bf16 training on this CPU converts in software; prefer float32 compute"))
     out.append(openmp_wait_check(torch.get_num_threads(), os.cpu_count() or 1))
+    out.append(cpu_matmul_check())
     return out
+
+
+def cpu_matmul_check() -> Check:
+    """How the CPU 4-bit matmul picks its kernel here (python/csrc/cpu_dispatch.cpp): the ISA
+    class, FOURBIT_CPU_MATMUL, and the cached per-shape choices for this machine."""
+    import json
+
+    import torch
+
+    import fourbit  # noqa: F401  (registers torch.ops.fourbit)
+
+    try:
+        info = json.loads(torch.ops.fourbit.cpu_matmul_info())
+    except ValueError as e:  # a bad FOURBIT_CPU_MATMUL
+        return Check("CPU matmul dispatch", "FAIL", str(e), "unset FOURBIT_CPU_MATMUL or set it to auto, static, "
+                     "fused or blas")
+    cached = 0
+    if info["cache_file"] and os.path.exists(info["cache_file"]):
+        try:
+            entries = json.load(open(info["cache_file"])).get("entries", {})
+            cached = sum(k.startswith(info["machine_key"] + "||") for k in entries)
+        except (OSError, ValueError, AttributeError):
+            cached = -1
+    found = (f"ISA class {info['isa']}, {info['threads']} threads, FOURBIT_CPU_MATMUL={info['mode']}; "
+             + {"auto": f"measured per shape class, {'corrupt cache' if cached < 0 else f'{cached} cached'} "
+                        f"in {info['cache_file'] or '(no cache directory)'}",
+                "static": f"fixed rule: dequantize + GEMM from M = {info['static_blas_min_rows']}",
+                "fused": "always the fused kernels", "blas": "always dequantize + GEMM"}[info["mode"]])
+    if info["amx_hardware"] and info["isa"] != "amx":
+        return Check("CPU matmul dispatch", "WARN", found + "; the CPU has AMX but fourbit does not use it",
+                     "unset FOURBIT_DISABLE_AMX; on Linux < 5.16 the kernel cannot grant AMX tile data")
+    return Check("CPU matmul dispatch", "PASS", found)
 
 
 def openmp_wait_check(threads: int, cores: int) -> Check:

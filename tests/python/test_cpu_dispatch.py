@@ -1,0 +1,193 @@
+"""The CPU matmul's kernel choice (python/csrc/cpu_dispatch.cpp): the override variables
+and their errors, the measured mode's on-disk cache (a second process makes the first one's
+choices and gets bit-identical results; a corrupt or unwritable cache), no measurement
+while tracing with fake tensors, and the choice visible in ``torch.ops.fourbit.cpu_matmul_info``
+and the debug log. Measured-mode tests run in subprocesses with their own cache directory."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fourbit
+import fourbit.functional as F
+
+
+def info():
+    return json.loads(torch.ops.fourbit.cpu_matmul_info())
+
+
+def weight(n=256, k=256, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+    return F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+
+
+@pytest.mark.parametrize("var, value", [("FOURBIT_CPU_MATMUL", "fast"), ("FOURBIT_CPU_MATMUL_LOG", "yes")])
+def test_bad_values_are_value_errors_naming_variable_and_value(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    q, qs = weight()
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=f"{var}.*'{value}'"):
+        fourbit.matmul_4bit(x, q.t(), qs)
+    with pytest.raises(ValueError, match=f"{var}.*'{value}'") if var == "FOURBIT_CPU_MATMUL" else _nothing():
+        torch.ops.fourbit.cpu_matmul_info()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("mode", ["fused", "blas"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_override_forces_the_path_and_both_agree(monkeypatch, mode, dtype):
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", mode)
+    q, qs = weight(96, 200, dtype=dtype)
+    x = torch.randn(40, 200, dtype=dtype, requires_grad=True)
+    y = fourbit.matmul_4bit(x, q.t(), qs)
+    (dx,) = torch.autograd.grad(y.float().sum(), x)
+    last = info()["last"]
+    assert last == {"forward": mode, "grad_input": mode}
+    w = F.dequantize_4bit(q, qs).to(dtype)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, x.detach() @ w.t(), **tol)
+    torch.testing.assert_close(dx, torch.ones(40, 96, dtype=dtype) @ w, **tol)
+
+
+def test_static_mode_is_the_fixed_rule(monkeypatch):
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", "static")
+    q, qs = weight()
+    i = info()
+    assert i["mode"] == "static" and i["isa"] in ("portable", "avx2", "avx512", "avx512_bf16", "amx")
+    for m, want in ((8, "fused"), (i["static_blas_min_rows"], "blas")):
+        fourbit.matmul_4bit(torch.randn(m, 256, dtype=torch.bfloat16), q.t(), qs)
+        assert info()["last"]["forward"] == want, m
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, torch, fourbit, fourbit.functional as F
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    w = torch.randn(512, 1024, dtype=torch.bfloat16) * 0.02
+    q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    out = []
+    for m in (3, 64, 300):
+        x = torch.randn(m, 1024, dtype=torch.bfloat16, requires_grad=True)
+        y = fourbit.matmul_4bit(x, q.t(), qs)
+        (dx,) = torch.autograd.grad(y.float().sum(), x)
+        out.append((y.view(torch.int16).sum().item(), y.view(torch.int16).square().sum().item(),
+                    dx.view(torch.int16).sum().item(), dx.view(torch.int16).square().sum().item()))
+    info = json.loads(torch.ops.fourbit.cpu_matmul_info())
+    print(json.dumps({"out": out, "info": info}))
+""")
+
+
+def run(tmp_path, script=SCRIPT, **env):
+    e = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), FOURBIT_CPU_MATMUL="auto", **env)
+    r = subprocess.run([sys.executable, "-c", script], env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+def cache_file(tmp_path):
+    return tmp_path / "cache" / "fourbit" / "cpu_matmul.json"
+
+
+def test_measured_choices_are_cached_and_a_second_process_repeats_them(tmp_path):
+    first, log = run(tmp_path, FOURBIT_CPU_MATMUL_LOG="1")
+    assert first["info"]["measurements"] == 6  # 3 shape classes x (forward, input gradient)
+    assert "fourbit: CPU matmul fwd/bfloat16/m4/n512/k1024 ->" in log and "measured" in log
+    entries = json.loads(cache_file(tmp_path).read_text())["entries"]
+    assert len(entries) == 6 and set(entries.values()) <= {"fused", "blas"}
+    assert all(k.startswith(first["info"]["machine_key"] + "||") for k in entries)
+    # A resumed run: another process, the same cache: no measurement, the same choices,
+    # bit-identical outputs.
+    second, _ = run(tmp_path)
+    assert second["info"]["measurements"] == 0
+    assert {k: v["path"] for k, v in second["info"]["choices"].items()} == \
+           {k: v["path"] for k, v in first["info"]["choices"].items()}
+    assert all(v["source"].startswith("cache") for v in second["info"]["choices"].values())
+    assert second["out"] == first["out"]
+
+
+def test_choices_written_to_the_cache_are_obeyed(tmp_path):
+    """The cache decides, not a new measurement: flip every entry and a process follows it."""
+    run(tmp_path)
+    path = cache_file(tmp_path)
+    data = json.loads(path.read_text())
+    flipped = {k: ("fused" if v == "blas" else "blas") for k, v in data["entries"].items()}
+    path.write_text(json.dumps({"version": 1, "entries": flipped}))
+    again, _ = run(tmp_path)
+    assert again["info"]["measurements"] == 0
+    got = {again["info"]["machine_key"] + "||" + k: v["path"] for k, v in again["info"]["choices"].items()}
+    assert got == flipped
+
+
+@pytest.mark.parametrize("text", ["not json", '{"version": 1, "entries": {"k": "maybe"}}',
+                                  '{"version": 1, "entries": {"k": "fused"}} trailing', ""])
+def test_corrupt_cache_is_reported_ignored_and_rewritten(tmp_path, text):
+    path = cache_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    out, log = run(tmp_path)
+    if text:
+        assert "corrupt CPU matmul cache" in log and str(path) in log
+    assert out["info"]["measurements"] == 6
+    assert len(json.loads(path.read_text())["entries"]) == 6
+
+
+def test_unwritable_cache_warns_and_still_computes(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "fourbit").write_text("a file where the directory should be")
+    out, log = run(tmp_path)
+    assert "could not write the CPU matmul cache" in log
+    assert out["info"]["measurements"] == 6
+
+
+def test_no_measurement_while_tracing_with_fake_tensors(tmp_path):
+    script = textwrap.dedent("""
+        import json, torch, fourbit, fourbit.functional as F
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        w = torch.randn(256, 512, dtype=torch.bfloat16)
+        q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            y = fourbit.matmul_4bit(mode.from_tensor(torch.randn(64, 512, dtype=torch.bfloat16)), q.t(), qs)
+            assert y.shape == (64, 256)
+        traced = json.loads(torch.ops.fourbit.cpu_matmul_info())["measurements"]
+        compiled = torch.compile(lambda x: fourbit.matmul_4bit(x, q.t(), qs), fullgraph=True)
+        compiled(torch.randn(64, 512, dtype=torch.bfloat16))
+        ran = json.loads(torch.ops.fourbit.cpu_matmul_info())["measurements"]
+        print(json.dumps({"traced": traced, "ran": ran}))
+    """)
+    out, _ = run(tmp_path, script)
+    assert out == {"traced": 0, "ran": 1}
+
+
+def test_bad_disable_amx_value_is_a_value_error(tmp_path):
+    script = textwrap.dedent("""
+        import torch, fourbit, fourbit.functional as F
+        q, qs = F.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type="nf4")
+        try:
+            fourbit.matmul_4bit(torch.randn(64, 64, dtype=torch.bfloat16), q.t(), qs)
+        except ValueError as e:
+            print("ValueError:", e)
+    """)
+    e = dict(os.environ, FOURBIT_DISABLE_AMX="yes")
+    r = subprocess.run([sys.executable, "-c", script], env=e, capture_output=True, text=True, timeout=120)
+    assert "ValueError:" in r.stdout and "FOURBIT_DISABLE_AMX" in r.stdout and "'yes'" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("mode", ["auto", "static", "fused", "blas"])
+def test_fp16_is_fused_in_every_mode(monkeypatch, mode):
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", mode)
+    q, qs = weight(64, 128, dtype=torch.float16)
+    fourbit.matmul_4bit(torch.randn(2048, 128, dtype=torch.float16), q.t(), qs)
+    assert info()["last"]["forward"] == "fused"
