@@ -131,6 +131,7 @@ class LoraLinear4bitImpl : public ::torch::nn::Module {
   const LoraOptions& options() const { return options_; }
   double scaling() const { return scaling_; }
   const Linear4bit& base_layer() const { return base_; }
+  Linear4bit& base_layer() { return base_; }
   ::torch::Tensor& lora_A() { return lora_A_; }
   ::torch::Tensor& lora_B() { return lora_B_; }
 
