@@ -193,21 +193,25 @@ Linear4bitImpl::Linear4bitImpl(const Linear4bitOptions& options) : options_(opti
 void Linear4bitImpl::set_buffers(const Tensor& packed, const Tensor& absmax,
                                  const std::optional<Tensor>& nested_absmax,
                                  const std::optional<Tensor>& nested_code) {
+  // Registered once, then replaced in place (set_data): a name cannot be registered twice,
+  // and handles to the buffers stay valid. Without double quantization the nested buffers
+  // hold empty tensors.
   const auto device = packed.device();
-  weight_ = register_buffer("weight", packed);
-  absmax_ = register_buffer("absmax", absmax);
-  quant_map_ = register_buffer("quant_map", codebook_tensor(state_.quant_type).to(device));
-  if (state_.nested) {
-    nested_absmax_ = register_buffer("nested_absmax", *nested_absmax);
-    nested_quant_map_ = register_buffer("nested_quant_map", *nested_code);
-    offset_ = register_buffer("nested_offset",
-                              ::torch::tensor(static_cast<float>(state_.nested_offset), ::torch::kFloat32).to(device));
-  } else {
-    // Undefined buffers are skipped by buffers() and to().
-    nested_absmax_ = register_buffer("nested_absmax", Tensor());
-    nested_quant_map_ = register_buffer("nested_quant_map", Tensor());
-    offset_ = register_buffer("nested_offset", Tensor());
-  }
+  const Tensor none = ::torch::empty({0}, ::torch::TensorOptions().dtype(::torch::kFloat32).device(device));
+  auto assign = [&](Tensor& member, const char* name, const Tensor& value) {
+    if (member.defined()) {
+      member.set_data(value);
+    } else {
+      member = register_buffer(name, value);
+    }
+  };
+  assign(weight_, "weight", packed);
+  assign(absmax_, "absmax", absmax);
+  assign(quant_map_, "quant_map", codebook_tensor(state_.quant_type).to(device));
+  assign(nested_absmax_, "nested_absmax", state_.nested ? *nested_absmax : none);
+  assign(nested_quant_map_, "nested_quant_map", state_.nested ? *nested_code : none);
+  assign(offset_, "nested_offset",
+         ::torch::tensor(static_cast<float>(state_.nested_offset), ::torch::kFloat32).to(device));
 }
 
 void Linear4bitImpl::quantize_(const Tensor& weight, const std::optional<Tensor>& bias) {
@@ -239,7 +243,11 @@ void Linear4bitImpl::quantize_(const Tensor& weight, const std::optional<Tensor>
                     : ::torch::zeros({N}, weight.options());
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N, "Linear4bit.quantize_: bias must have shape [", N,
                       "], got ", b.sizes());
-    bias_ = register_parameter("bias", b, /*requires_grad=*/false);
+    if (bias_.defined()) {
+      bias_.set_data(b);
+    } else {
+      bias_ = register_parameter("bias", b, /*requires_grad=*/false);
+    }
   } else {
     TORCH_CHECK_VALUE(!bias, "Linear4bit.quantize_: a bias was given but the layer has bias=false");
   }

@@ -79,9 +79,9 @@ class Linear4bitImpl : public ::torch::nn::Module {
   const ::torch::Tensor& weight() const { return weight_; }        // packed uint8 [(n+1)/2, 1]
   const ::torch::Tensor& absmax() const { return absmax_; }        // fp32, or uint8 when nested
   const ::torch::Tensor& quant_map() const { return quant_map_; }  // the 16-value codebook
-  const ::torch::Tensor& nested_absmax() const { return nested_absmax_; }      // nested only
-  const ::torch::Tensor& nested_quant_map() const { return nested_quant_map_; }  // nested only
-  const ::torch::Tensor& nested_offset() const { return offset_; }  // fp32 scalar, nested only
+  const ::torch::Tensor& nested_absmax() const { return nested_absmax_; }      // empty unless nested
+  const ::torch::Tensor& nested_quant_map() const { return nested_quant_map_; }  // empty unless nested
+  const ::torch::Tensor& nested_offset() const { return offset_; }  // fp32 scalar (0 unless nested)
   const ::torch::Tensor& bias() const { return bias_; }            // undefined without bias
 
   void pretty_print(std::ostream& stream) const override;
