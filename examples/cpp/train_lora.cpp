@@ -7,6 +7,7 @@
 // Exits 1 if the loss does not fall.
 #include <torch/torch.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -59,6 +60,7 @@ int main(int argc, char** argv) try {
   fourbit::optim::AdamW optimizer(fnn::lora_parameters(*model), fourbit::optim::AdamWOptions(1e-2).weight_decay(0.0));
   std::vector<float> losses;
   model->train();
+  const auto start = std::chrono::steady_clock::now();
   for (int step = 0; step < steps; ++step) {
     optimizer.zero_grad();
     auto loss = torch::nn::functional::cross_entropy(model->forward(x), labels);
@@ -67,6 +69,8 @@ int main(int argc, char** argv) try {
     losses.push_back(loss.item<float>());
     if (step % 50 == 0 || step == steps - 1) std::printf("step %4d  loss %.4f\n", step, losses.back());
   }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("trained %d steps in %.3f s\n", steps, seconds);
   fourbit::io::save_peft_adapter(*model, adapter_dir);
 
   model->eval();
