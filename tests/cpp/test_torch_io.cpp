@@ -187,6 +187,18 @@ Net lora_net(int64_t r, double alpha) {
   return net;
 }
 
+TEST(Checkpoint4bit, LoadsTheBaseOfALoraLayerFromItsPath) {
+  // After LoRA is added, the base of "fc" sits at "fc.base_layer" (PEFT's name); the
+  // checkpoint's keys stay "fc.weight", ... and the adapter is not in it.
+  Net source;
+  const std::string path = temp_path("base.safetensors");
+  fio::save_4bit_checkpoint(*source, path);
+  Net net = lora_net(4, 8);
+  fio::load_4bit_checkpoint(*net, path);
+  EXPECT_TRUE(torch::equal(net->fc->dequantize(), source->fc->dequantize()));
+  EXPECT_TRUE(torch::equal(net->fc->bias(), source->fc->bias()));
+}
+
 TEST(PeftAdapter, SavesPeftsLayoutAndLoadsBack) {
   const std::string dir = temp_path("adapter");
   Net a = lora_net(4, 8);

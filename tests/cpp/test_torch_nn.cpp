@@ -115,6 +115,26 @@ TEST(LoraLinear4bit, MergedWeightIsBasePlusScaledProduct) {
   EXPECT_LE(max_diff(lora(x).detach(), merged), 1e-4);
 }
 
+TEST(LoraLinear4bit, DropoutActsOnTheAdapterInputInTrainingOnly) {
+  torch::manual_seed(0);
+  fnn::LoraLinear4bit lora(fnn::Linear4bit(fnn::Linear4bitOptions(K, N)),
+                           fnn::LoraOptions(4).lora_dropout(0.5).init_lora_weights(false));
+  fnn::LoraLinear4bit plain(lora->base_layer(), fnn::LoraOptions(4).init_lora_weights(false));
+  {
+    torch::NoGradGuard g;
+    plain->lora_A().copy_(lora->lora_A());
+    plain->lora_B().copy_(lora->lora_B());
+  }
+  auto x = torch::randn({6, K});
+  lora->eval();
+  EXPECT_TRUE(torch::allclose(lora(x), plain(x)));
+  lora->train();
+  auto y = lora(x);
+  EXPECT_FALSE(torch::allclose(y, plain(x)));
+  y.sum().backward();
+  EXPECT_GT(lora->lora_A().grad().abs().sum().item<float>(), 0.0f);
+}
+
 TEST(Linear4bitErrors, BadArgumentsNameTheArgumentAndValue) {
   expect_value_error([] { fnn::Linear4bit(fnn::Linear4bitOptions(K, N).quant_type("nf5")); }, {"quant_type", "nf5"});
   expect_value_error([] { fnn::Linear4bit(fnn::Linear4bitOptions(K, N).blocksize(48)); }, {"blocksize", "48"});
