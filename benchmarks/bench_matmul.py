@@ -15,7 +15,7 @@ with nested (double-quantized) NF4, blocksize 64, bf16 activations, for M in
   the weight is frozen), i.e. what a training step pays per linear layer.
 
 On CUDA the fourbit kernels can also be timed one by one (``--algos``), forward and forward +
-input gradient, which is how the dispatch thresholds in python/csrc/gemm_ops_cuda.cpp and
+input gradient, which is how the dispatch thresholds in src/torch/gemm_ops_cuda.cpp and
 cuda/gemm_4bit.cu are tuned: ``fourbit[ALGO]`` for ALGO in CUDA_ALGOS ("gemv" forward only:
 it has no gradient kernel; "fused" is the fragment-layout kernel of cuda/gemm_4bit_fused.cu,
 its weight repacked once, on the first call, outside the timing -- the warm-up -- and cached).

@@ -7,7 +7,7 @@
 //   fp32, or an older GPU           -> CUDA-core tiled kernel (same file)
 //
 // The torch binding adds one rule on top for large M, where cuBLAS's GEMM beats these
-// kernels: dequantize into a buffer, then cuBLAS (python/csrc/gemm_ops_cuda.cpp). The core
+// kernels: dequantize into a buffer, then cuBLAS (src/torch/gemm_ops_cuda.cpp). The core
 // does not link cuBLAS, so C++ users get the fused kernels at every M.
 #include "common.cuh"
 #include "fourbit/gemm.h"

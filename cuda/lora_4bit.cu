@@ -16,7 +16,7 @@
 // (4 outputs per thread, fp32 accumulators) and stages 32-deep slices of P and Q in shared
 // memory. Every adapter product is O(M r (N + K)), at most r / min(N, K) of the 4-bit
 // product, so this simple kernel is enough for C++ callers and small M; the torch binding
-// routes large M to dequantize + cuBLAS (python/csrc/lora_ops_cuda.cpp).
+// routes large M to dequantize + cuBLAS (src/torch/lora_ops_cuda.cpp).
 //
 // Rounding: Y is rounded once by the base product and once more after the adapter term,
 // and the epilogue reads XA in the io dtype, as an unfused PEFT layer does (the CPU path

@@ -11,7 +11,8 @@
 #
 # On the lent GPU machine (no network): carry a bitsandbytes wheel in .whl/ (see
 # docs/BENCHMARKS.md for the pip download line) and run `bash scripts/gpu_check.sh`.
-# STAGES picks parts (default "tests sanitizer dist bench"); FULL=1 runs the whole pytest suite
+# STAGES picks parts (default "tests sanitizer dist bench"; "cpp" builds the C++ torch API's
+# GoogleTests and runs their Cuda* tests, docs/cpp.md); FULL=1 runs the whole pytest suite
 # and the full benchmark grids instead of the short forms (that does not fit 8 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +75,15 @@ if want tests; then
   if [ "$FULL" = 1 ]; then sel=(-m "not nccl"); else sel=(-m "cuda and not nccl"); fi
   run_for $TESTS_S "$OUT/pytest.log" "$PY" -m pytest tests/python -q -rs -p no:cacheprovider "${sel[@]}"
   tail -n 5 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
+fi
+
+if want cpp; then  # not in the default STAGES: the extra build does not fit the 8-minute call with the rest
+  step "C++ torch API (fourbit::torch): build its GoogleTests for this card, run the Cuda* tests"
+  run_for 300 "$OUT/cpp.log" bash -c "cmake -S . -B build-gpu-cpp -G Ninja -DFOURBIT_CUDA=ON \
+    -DFOURBIT_CUDA_ARCHS=$cap -DFOURBIT_BUILD_TORCH=ON >/dev/null \
+    && cmake --build build-gpu-cpp --target test_torch_nn test_torch_optim \
+    && ctest --test-dir build-gpu-cpp -R Cuda --output-on-failure --no-tests=error"
+  tail -n 5 "$OUT/cpp.log" | tee -a "$OUT/summary.txt"
 fi
 
 if want sanitizer; then

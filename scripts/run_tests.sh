@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up, then runs every test: the C++ core under GoogleTest (plain and under
 # AddressSanitizer + UBSan), the CUDA kernel lint (where nvcc is), the libFuzzer target, the
-# installed-package consumer example, and pytest (the hypothesis fuzzers among it).
+# installed-package consumer examples (the C++ QLoRA trainer with its Python check), and pytest (the hypothesis fuzzers among it).
 # Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,8 +9,8 @@ bash scripts/setup.sh
 PY=${PYTHON:-python3}
 JOBS=${JOBS:-$(nproc)}
 
-echo "== C++ core: build + ctest (CPU kernels)"
-cmake -S . -B build-ci/cpu -G Ninja -DFOURBIT_CUDA=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+echo "== C++ core and torch API: build + ctest (CPU kernels; fourbit::torch against Python's fixtures)"
+cmake -S . -B build-ci/cpu -G Ninja -DFOURBIT_CUDA=OFF -DFOURBIT_BUILD_TORCH=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build-ci/cpu -j "$JOBS"
 ctest --test-dir build-ci/cpu --output-on-failure
 
@@ -54,12 +54,17 @@ UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 OMP_NUM_THREADS=1 ./build-ci/fu
   -max_total_time="$FUZZ_SECONDS" -max_len=4096 -rss_limit_mb=4096 -print_final_stats=1 \
   -artifact_prefix=build-ci/fuzz/findings/ build-ci/fuzz/corpus 2>&1 | { grep -v -E "^#[0-9]+ +(NEW|REDUCE|pulse)|NEW_FUNC" || true; }
 
-echo "== C++ API: install the package, build examples/cpp against it with find_package(fourbit)"
-rm -rf build-ci/prefix build-ci/consumer
+echo "== C++ API: install the package, build examples/cpp against it with find_package(fourbit [COMPONENTS torch])"
+rm -rf build-ci/prefix build-ci/consumer build-ci/train_lora
 cmake --install build-ci/cpu --prefix build-ci/prefix >/dev/null
-cmake -S examples/cpp -B build-ci/consumer -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build-ci/prefix" >/dev/null
+cmake -S examples/cpp -B build-ci/consumer -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build-ci/prefix" \
+  -DPython_EXECUTABLE="$(command -v "$PY")" -DFOURBIT_EXAMPLE_REQUIRE_TORCH=ON >/dev/null
 cmake --build build-ci/consumer -j "$JOBS"
 ./build-ci/consumer/quantize_example
+echo "== C++ QLoRA trainer: Python saves a 4-bit model, C++ trains LoRA on it, PEFT loads the adapter"
+"$PY" examples/cpp/tiny_mlp.py save build-ci/train_lora/base
+./build-ci/consumer/train_lora build-ci/train_lora/base build-ci/train_lora/adapter
+"$PY" examples/cpp/tiny_mlp.py check build-ci/train_lora/base build-ci/train_lora/adapter
 
 echo "== Python: pytest"
 "$PY" -m pytest tests/python -v -rs

@@ -15,6 +15,12 @@ if ! [ -f /usr/include/gtest/gtest.h ]; then
   $SUDO apt-get install -y -q libgtest-dev
 fi
 
+# nlohmann-json, for the JSON of checkpoints and adapters in libfourbit_torch (Debian/Ubuntu).
+if ! [ -f /usr/include/nlohmann/json.hpp ]; then
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q nlohmann-json3-dev
+fi
+
 # torch: keep the one that is there (the GPU machine has its own); otherwise the CUDA
 # build of 2.14.1 (pip takes it from the local copy where one exists).
 if ! "$PY" -c "import torch" 2>/dev/null; then

@@ -1,7 +1,7 @@
 // What the CPU kernels can use on this machine, detected at run time.
 //
 // The ISA class orders the CPU's matrix units from weakest to strongest; the 4-bit matmul's
-// kernels and the torch binding's dispatch (python/csrc/cpu_dispatch.cpp) key on it.
+// kernels and the torch binding's dispatch (src/torch/cpu_dispatch.cpp) key on it.
 // FOURBIT_DISABLE_AVX512=1 and FOURBIT_DISABLE_AMX=1 lower it (the tests force the
 // portable paths that way); any other value than "0" or "1" is an InvalidArgument Error
 // naming the variable and the value.

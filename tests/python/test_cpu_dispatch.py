@@ -1,4 +1,4 @@
-"""The CPU matmul's kernel choice (python/csrc/cpu_dispatch.cpp): the override variables
+"""The CPU matmul's kernel choice (src/torch/cpu_dispatch.cpp): the override variables
 and their errors, the measured mode's on-disk cache (a second process makes the first one's
 choices and gets bit-identical results; a corrupt or unwritable cache), no measurement
 while tracing with fake tensors, and the choice visible in ``torch.ops.fourbit.cpu_matmul_info``

@@ -392,7 +392,7 @@ def test_fake_kernels_reject_what_the_device_kernels_reject():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_large_m_matches_reference(dtype):
     """From M = 1024 the CPU runs bf16/fp32 through the dense path (the weight dequantized
-    into a workspace, every product by ATen's matmul; python/csrc/lora_ops.cpp), which rounds
+    into a workspace, every product by ATen's matmul; src/torch/lora_ops.cpp), which rounds
     like CUDA's large-M path (Y twice, G once in the io dtype): checked with CUDA's bound.
     fp16 stays on the core's fused kernels (one rounding)."""
     dense = dtype != torch.float16

@@ -74,7 +74,7 @@ def cpu_checks() -> list[Check]:
 
 
 def cpu_matmul_check() -> Check:
-    """How the CPU 4-bit matmul picks its kernel here (python/csrc/cpu_dispatch.cpp): the ISA
+    """How the CPU 4-bit matmul picks its kernel here (src/torch/cpu_dispatch.cpp): the ISA
     class, FOURBIT_CPU_MATMUL, and the cached per-shape choices for this machine."""
     import json
 

@@ -1,4 +1,4 @@
-// The CPU 4-bit matmul's kernel choice for algo="auto" (python/csrc/cpu_dispatch.cpp):
+// The CPU 4-bit matmul's kernel choice for algo="auto" (src/torch/cpu_dispatch.cpp):
 // the core's fused kernels, or a dequantize into a reused workspace + ATen's GEMM (oneDNN,
 // which runs on AMX where the CPU has it), per CPU class and shape class, measured once
 // and cached on disk so that a resumed run makes the same choices. The rule:

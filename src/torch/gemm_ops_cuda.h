@@ -28,7 +28,7 @@ bool grad_input_uses_blas(int64_t M, DType dtype);
 at::Tensor dequantized_weight(const Weight4bit& w, DType dtype, const at::TensorOptions& options);
 
 // algo="fused": the fragment-layout kernels on the weight's cached fragment copy
-// (python/csrc/fused_ops_cuda.cpp).
+// (src/torch/fused_ops_cuda.cpp).
 struct ForwardCall;
 struct GradInputCall;
 void fused_forward(const ForwardCall& call);

@@ -1,4 +1,4 @@
-// Device-independent half of the optimizer ops (python/csrc/optim_ops.cpp): argument checks
+// Device-independent half of the optimizer ops (src/torch/optim_ops.cpp): argument checks
 // (ValueError naming the argument and value) and the tensors -> core table translation,
 // shared by the CPU and CUDA impls.
 #pragma once
