@@ -54,12 +54,15 @@ class Stack(nn.Module):
         self.embed = nn.Embedding(vocab, d, device=device)
         self.blocks = nn.ModuleList([Block(d, hidden, i, device) for i in range(n)])
         self.norm = nn.LayerNorm(d, device=device)
+        # real even when the parameters are on meta, and not in the checkpoint (as rotary
+        # frequencies): the loader must keep it
+        self.register_buffer("scale", torch.full((d,), 0.5), persistent=False)
 
     def forward(self, ids):
         x = self.embed(ids)
         for b in self.blocks:
             x = b(x)
-        return self.norm(x)
+        return self.norm(x) * self.scale
 
 
 def _float_model(cfg):
@@ -178,7 +181,11 @@ def _bad_worker(rank, ws, tmp):
                                    r"but the model's blocks\.0\.up\.lora_A\.weight is \[4, 35\]"),
              ("noshard", FileNotFoundError, r"model-00002-of-00002\.safetensors: named in "
                                             r"model\.safetensors\.index\.json but missing"),
-             ("nodir", FileNotFoundError, r"checkpoint directory .*nodir' does not exist")]
+             ("nodir", FileNotFoundError, r"checkpoint directory .*nodir' does not exist"),
+             # found while streaming (not from the headers): still raised on every rank
+             ("blocksize", ValueError, r"blocks\.0\.up\.base_layer\.weight \(from blocks\.0\.up\.base_layer\.weight\)"
+                                       r": .*blocksize.*\(\(33, 35\), 128, 'nf4', True, torch\.uint8\), but the "
+                                       r"model's .* expects \(\(33, 35\), 64, ")]
     for name, exc, match in cases:
         net = _sharded_meta(SMALL, ws)
         with pytest.raises(exc, match=match):  # on every rank, not only the reader
@@ -194,6 +201,12 @@ def test_load_from_rank0_bad_checkpoints(tmp_path):
     _save({**sd, "blocks.0.up.lora_A.weight": torch.zeros(4, 36)}, str(tmp_path / "shape"), files=1)
     _save(sd, str(tmp_path / "noshard"), files=2)
     os.remove(tmp_path / "noshard" / "model-00002-of-00002.safetensors")
+    ref = _float_model(SMALL)
+    for m in ref.modules():
+        if isinstance(m, Linear4bit):
+            m.weight.blocksize = 128
+            m.quantize()
+    _save(ref.state_dict(), str(tmp_path / "blocksize"), files=1)
     spawn(_bad_worker, 2, tmp_path, TIMEOUT)
 
 

@@ -230,7 +230,8 @@ def load_from_rank0(model: nn.Module, path, *, device=None,
 
     Returns {"loaded": n, "quantized": n, "packed": n, "skipped": [keys]} (same on all ranks).
     Raises KeyError / ValueError / FileNotFoundError naming the key or file, on every rank.
-    Non-persistent buffers on meta are materialised uninitialised: set them afterwards.
+    Buffers that were real stay as they were (unless the checkpoint holds them); buffers on
+    meta that the checkpoint lacks (non-persistent ones) are left uninitialised.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -238,7 +239,14 @@ def load_from_rank0(model: nn.Module, path, *, device=None,
         raise RuntimeError("load_from_rank0 needs an initialised process group (dist.init_process_group)")
     rank, world = dist.get_rank(), dist.get_world_size()
     if any(t.is_meta for t in model.state_dict(keep_vars=True).values()):
+        # to_empty replaces every tensor: real buffers (rotary frequencies, often not in the
+        # checkpoint) are put back; they are small
+        kept = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
         model.to_empty(device=torch.device("cpu") if device is None else torch.device(device))
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in kept:
+                    b.copy_(kept[n])
     entries = model.state_dict(keep_vars=True)
 
     # 1. rank 0 checks everything from the headers; every rank raises the same error.
