@@ -184,7 +184,7 @@ def _bad_worker(rank, ws, tmp):
              ("nodir", FileNotFoundError, r"checkpoint directory .*nodir' does not exist"),
              # found while streaming (not from the headers): still raised on every rank
              ("blocksize", ValueError, r"blocks\.0\.up\.base_layer\.weight \(from blocks\.0\.up\.base_layer\.weight\)"
-                                       r": .*blocksize.*\(\(33, 35\), 128, 'nf4', True, torch\.uint8\), but the "
+                                       r": ValueError: .*blocksize.*\(\(33, 35\), 128, 'nf4', True, torch\.uint8\), but the "
                                        r"model's .* expects \(\(33, 35\), 64, ")]
     for name, exc, match in cases:
         net = _sharded_meta(SMALL, ws)

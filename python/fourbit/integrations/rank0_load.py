@@ -255,20 +255,20 @@ def load_from_rank0(model: nn.Module, path, *, device=None,
         try:
             reader = _Reader(os.fspath(path))
             status = [_plan(model, entries, reader, missing_ok), None]
-        except (KeyError, ValueError, FileNotFoundError) as e:
+        except Exception as e:  # sent to every rank: the others would wait in a collective forever
             status = [None, (type(e).__name__, e.args[0] if e.args else str(e))]
     dist.broadcast_object_list(status, src=0)
     if status[1] is not None:
-        exc = {"KeyError": KeyError, "ValueError": ValueError, "FileNotFoundError": FileNotFoundError}[status[1][0]]
-        raise exc(status[1][1])
+        kinds = {"KeyError": KeyError, "ValueError": ValueError, "FileNotFoundError": FileNotFoundError}
+        raise kinds.get(status[1][0], RuntimeError)(status[1][1])
     plan, skipped = status[0]
 
     # 2. one tensor at a time: rank 0 reads (and quantizes), every rank keeps its shard.
     counts = {"loaded": 0, "quantize": 0, "packed": 0}
-    flag = torch.zeros(1, dtype=torch.int64)
     with torch.no_grad():
         for key, kind, ckey in plan:
             local, rows = _local(key, entries[key], world)
+            flag = torch.zeros(1, dtype=torch.int64, device=local.device)  # the backend's device (NCCL: cuda)
             full, err = None, None
             if rank == 0:
                 try:
@@ -276,10 +276,10 @@ def load_from_rank0(model: nn.Module, path, *, device=None,
                     expect = entries[key].shape
                     if tuple(full.shape) != tuple(expect):
                         raise ValueError(f"{ckey}: gives {list(full.shape)}, but the model's {key} is {list(expect)}")
-                except (KeyError, ValueError, RuntimeError) as e:
-                    err = f"{key} (from {ckey}): {e}"
+                except Exception as e:  # I/O errors too: every rank must stop, not only rank 0
+                    err = f"{key} (from {ckey}): {type(e).__name__}: {e}"
                 flag.fill_(0 if err is None else 1)
-            dist.broadcast(flag, src=0)  # a failed read stops every rank, not only rank 0
+            dist.broadcast(flag, src=0)
             if flag.item():
                 box = [err]
                 dist.broadcast_object_list(box, src=0)
