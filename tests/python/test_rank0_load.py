@@ -210,9 +210,11 @@ def test_load_from_rank0_bad_checkpoints(tmp_path):
     spawn(_bad_worker, 2, tmp_path, TIMEOUT)
 
 
-def test_load_from_rank0_needs_a_process_group():
+def test_load_from_rank0_rejects_bad_calls():
     from fourbit.integrations.rank0_load import load_from_rank0
     with pytest.raises(ValueError, match="model must be a torch.nn.Module, got str"):
         load_from_rank0("model", "ckpt")
+    with pytest.raises(ValueError, match=r"^0: a Linear4bit not prepared for FSDP; call prepare_fsdp"):
+        load_from_rank0(nn.Sequential(Linear4bit(8, 4, device="meta")), "ckpt")
     with pytest.raises(RuntimeError, match="needs an initialised process group"):
         load_from_rank0(nn.Linear(2, 2), "ckpt")

@@ -104,7 +104,7 @@ def _candidates(key: str) -> list:
 
 def _plan(model: nn.Module, entries: dict, reader: _Reader, missing_ok) -> tuple[list, list]:
     """[(model key, kind, checkpoint key)] in model order, kind "quantize" / "packed" / "plain";
-    and the model keys left out (``missing_ok``). ValueError naming the first bad entry."""
+    and the model keys left out (``missing_ok``). KeyError / ValueError naming the first bad entry."""
     plan, skipped, seen = [], [], {}
     for key, t in entries.items():
         if id(t) in seen:  # a tied parameter: loaded once, under its first name
@@ -235,6 +235,10 @@ def load_from_rank0(model: nn.Module, path, *, device=None,
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, Linear4bit) and flat_layout(m) is None:
+            raise ValueError(f"{name or 'model'}: a Linear4bit not prepared for FSDP; call prepare_fsdp(model) "
+                             "(then fully_shard) before load_from_rank0")
     if not dist.is_initialized():
         raise RuntimeError("load_from_rank0 needs an initialised process group (dist.init_process_group)")
     rank, world = dist.get_rank(), dist.get_world_size()
