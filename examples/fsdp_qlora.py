@@ -63,20 +63,20 @@ def random_config(args):
                        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2)
 
 
-def build_on_meta(args, config):
+def build_on_meta(config):
     """The model without memory: parameters on meta (buffers such as the rotary frequencies
     stay real), each linear but the head an empty NF4 Linear4bit, PEFT LoRA on top."""
     from accelerate import init_empty_weights
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    from fourbit.nn.convert import _set_submodule
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     for name, m in list(model.named_modules()):
         if type(m) is torch.nn.Linear and not name.endswith("lm_head"):
-            _set_submodule(model, name, Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
-                                                   compute_dtype=torch.bfloat16, quant_type="nf4",
-                                                   quant_storage=torch.bfloat16, device="meta"))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=torch.bfloat16,
+                               quant_type="nf4", quant_storage=torch.bfloat16, device="meta"))
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
 
 
@@ -137,7 +137,7 @@ def main():
         if not os.path.isdir(path):
             raise SystemExit(f"--low-memory loads a local checkpoint directory; --model {path!r} is not one")
         from transformers import AutoConfig
-        model = build_on_meta(args, AutoConfig.from_pretrained(path))
+        model = build_on_meta(AutoConfig.from_pretrained(path))
     else:
         model = build(args, device)
     prepare_fsdp(model)  # each 4-bit weight (codes + quant state) becomes one shardable byte tensor
