@@ -333,9 +333,11 @@ def test_accelerate_fsdp2_prepare(tmp_path):
     spawn(_accelerate_worker, 2, tmp_path, TIMEOUT)
 
 
-def test_torchrun_example(tmp_path):
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_torchrun_example(tmp_path, low_memory):
     """examples/fsdp_qlora.py under torchrun (2 CPU ranks, gloo): PEFT LoRA on a 4-bit Llama,
-    prepare_fsdp, fully_shard, PagedAdamW8bit steps, DCP save and reload."""
+    prepare_fsdp, fully_shard, PagedAdamW8bit steps, DCP save and reload; with --low-memory
+    the model is built on meta and rank 0 streams a saved float checkpoint (load_from_rank0)."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     import os
@@ -344,12 +346,14 @@ def test_torchrun_example(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(root, "examples", "fsdp_qlora.py"), "--steps", "2", "--layers", "2", "--hidden", "128",
-           "--out", str(tmp_path / "ckpt")]
+           "--out", str(tmp_path / "ckpt")] + (["--low-memory"] if low_memory else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = run.stdout
     assert "step 1: loss" in lines and "saved and reloaded" in lines, lines
+    if low_memory:  # 2 layers x (7 linears + 2 norms), embedding, final norm, head; 28 LoRA tensors
+        assert "loaded 21 tensors (14 quantized)" in lines and "28 LoRA tensors initialised" in lines, lines
     for rank in (0, 1):
         whole, here = [int(w) for w in lines.split(f"rank {rank}: 4-bit weights ")[1].split()[::3][:2]]
         assert here <= -(-whole // 2) + 64, f"rank {rank} holds {here} of {whole} bytes"

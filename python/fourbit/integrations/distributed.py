@@ -109,9 +109,12 @@ class FlatLayout:
 
     def pack(self, weight: Params4bit) -> torch.Tensor:
         """The flat uint8 bytes of a quantized ``weight`` (codes and QuantState), on its device."""
-        qs = weight.quant_state
-        flat = torch.zeros(self.nbytes, dtype=torch.uint8, device=weight.device)
-        pieces = {"codes": weight.data.reshape(-1).view(torch.uint8), "absmax": qs.absmax.reshape(-1),
+        return self.pack_codes(weight.data, weight.quant_state)
+
+    def pack_codes(self, codes: torch.Tensor, qs: F.QuantState) -> torch.Tensor:
+        """The flat uint8 bytes of packed ``codes`` and their QuantState, on ``codes``' device."""
+        flat = torch.zeros(self.nbytes, dtype=torch.uint8, device=codes.device)
+        pieces = {"codes": codes.reshape(-1).view(torch.uint8), "absmax": qs.absmax.reshape(-1),
                   "code": qs.code.reshape(-1)}
         if self.nested:
             pieces.update(nested_absmax=qs.state2.absmax.reshape(-1), nested_code=qs.state2.code.reshape(-1),
