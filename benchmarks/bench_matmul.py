@@ -18,7 +18,9 @@ On CUDA the fourbit kernels can also be timed one by one (``--algos``), forward 
 input gradient, which is how the dispatch thresholds in src/torch/gemm_ops_cuda.cpp and
 cuda/gemm_4bit.cu are tuned: ``fourbit[ALGO]`` for ALGO in CUDA_ALGOS ("gemv" forward only:
 it has no gradient kernel; "fused" is the fragment-layout kernel of cuda/gemm_4bit_fused.cu,
-its weight repacked once, on the first call, outside the timing -- the warm-up -- and cached).
+its weight repacked once, on the first call, outside the timing -- the warm-up -- and cached;
+"fused_sm90" its Hopper forward (cuda/gemm_4bit_fused_sm90.cu; an error recorded off sm90 or
+without sm_90a code; its input gradient is "fused"'s).
 ``--dry-run`` prints the grid of rows and labels without running anything (any machine).
 
 Timing (benchmarks/bench_quant.py's Timer): CUDA: median of triton.testing.do_bench (L2
@@ -66,7 +68,7 @@ import fourbit.functional as F  # noqa: E402
 DTYPE = torch.bfloat16
 DEFAULT_MS = (1, 8, 16, 32, 64, 128, 512, 4096)
 # fourbit kernels that --algos times on CUDA (the `algo` argument of the ops).
-CUDA_ALGOS = ("gemv", "tensor_core", "dequant_cublas", "fused")
+CUDA_ALGOS = ("gemv", "tensor_core", "dequant_cublas", "fused", "fused_sm90")
 # Kernels without an input-gradient form: timed in "fwd" only.
 FORWARD_ONLY_ALGOS = ("gemv",)
 # A forward differing from deq+linear by more than this (relative, max-norm) is flagged.

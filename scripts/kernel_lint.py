@@ -6,14 +6,16 @@ Each cuda/*.cu file with a __global__ is compiled once (device code only, both a
 library's own flags) with `-Xptxas -v --keep`; the script then reads
   - ptxas -v: registers, static shared memory, stack frame and spill bytes per kernel;
   - the PTX: .maxntid (every kernel declares __launch_bounds__, so its CTA size is known);
-  - the SASS (nvdisasm on the kept cubins, which names the called subroutines): LDSM and
-    HMMA counts, and calls to the 64-bit integer division routines.
+  - the SASS (nvdisasm on the kept cubins, which names the called subroutines): LDSM, HMMA
+    and HGMMA (Hopper's wgmma) counts, and calls to the 64-bit integer division routines.
 
 It fails when
   - a hot kernel spills or keeps a stack frame (local memory on the hot path);
   - any kernel calls a 64-bit integer division / remainder routine (blocksizes are powers
     of two: shift; tile counts come from the host's launch plan);
   - a tensor-core kernel (HMMA) loads its fragments without LDSM;
+  - a warpgroup kernel (WGMMA_KERNELS) has no HGMMA in its sm_90a SASS (it fell back to a
+    slower path, or its body was compiled out);
   - the CTAs per SM that its registers and shared memory allow fall below the floor
     documented for it below;
   - a kernel has no __launch_bounds__, or is missing from the table below.
@@ -67,6 +69,10 @@ KERNELS = [
      "fused fragment-layout GEMM: 4 warps, a 4-stage cp.async pipeline hides HBM latency "
      "inside one CTA; two CTAs per SM overlap one's epilogue / prologue with the other's MMAs"),
     (r"fused_4bit_grad_input_kernel", True, 2, "input gradient of the fused GEMM, as fused_4bit_kernel"),
+    (r"fused_4bit_sm90_kernel", True, 1,
+     "Hopper fused GEMM: 2 warpgroups, 84 KB of cp.async ring and 64 fp32 accumulators a thread; "
+     "one CTA per SM is the floor (__launch_bounds__(256, 1)), wgmma keeps the tensor cores fed"),
+    (r"fused_sm90_probe_kernel", False, 1, "one-time check that the loaded code is sm_90a's"),
     (r"fused_splitk_reduce_kernel", False, 4, "split-K partial sums: elementwise, memory bound"),
     (r"repack_fragments_kernel", False, 4, "one-time weight repack into the fragment layout"),
     (r"repack_scales_kernel", False, 4, "one-time scale transpose for the fragment layout"),
@@ -74,6 +80,10 @@ KERNELS = [
     (r"adamw_multi_tensor_kernel", True, 2,
      "optimizer step: 16 warps per SM x 8 elements per lane saturate HBM (launch bounds)"),
 ]
+
+# Kernels built on wgmma (sm_90a): their sm_90a SASS must hold HGMMA. On other archs their
+# body is compiled out (a trap), so only the sm_90a row is checked.
+WGMMA_KERNELS = [r"fused_4bit_sm90_kernel"]
 
 DIV_CALL = re.compile(r"CALL\.[A-Z.]*\s+`\(\$__internal_\d+_\$__cuda_sm\d+_(div|rem)_([su]64)\)")
 
@@ -161,17 +171,18 @@ def parse_ptx(text: str) -> dict[str, int]:
 
 
 def parse_sass(text: str) -> dict[str, dict]:
-    """Kernel name -> LDSM / HMMA counts and 64-bit division calls, from nvdisasm -c output."""
+    """Kernel name -> LDSM / HMMA / HGMMA counts and 64-bit division calls, from nvdisasm -c output."""
     out, current = {}, None
     for line in text.splitlines():
         m = re.match(r"\.text\.(\S+):$", line.strip())
         if m:
-            current = out.setdefault(m.group(1), dict(ldsm=0, hmma=0, div64=0))
+            current = out.setdefault(m.group(1), dict(ldsm=0, hmma=0, hgmma=0, div64=0))
             continue
         if current is None:
             continue
         current["ldsm"] += "LDSM" in line
         current["hmma"] += "HMMA" in line
+        current["hgmma"] += bool(re.search(r"\bHGMMA\b", line))
         current["div64"] += bool(DIV_CALL.search(line))
     return out
 
@@ -215,7 +226,7 @@ def lint(jobs: int, only: list[str] | None = None) -> tuple[list[dict], list[str
                 names = sorted(k for (k, a) in ptxas if a == arch)
                 short = demangle(names)
                 for k in names:
-                    p, s = ptxas[(k, arch)], sass.get(k, dict(ldsm=0, hmma=0, div64=0))
+                    p, s = ptxas[(k, arch)], sass.get(k, dict(ldsm=0, hmma=0, hgmma=0, div64=0))
                     threads = ptx.get(k, 0)
                     row = dict(file=src.name, arch=arch, name=short[k], threads=threads, **p, **s)
                     where = f"{src.name} {arch} {short[k]}"
@@ -239,6 +250,9 @@ def lint(jobs: int, only: list[str] | None = None) -> tuple[list[dict], list[str
                     if s["hmma"] and not s["ldsm"]:
                         errors.append(f"{where}: tensor-core kernel ({s['hmma']} HMMA) loads its "
                                       f"fragments without LDSM")
+                    if (arch == "sm_90a" and any(re.match(w, short[k]) for w in WGMMA_KERNELS)
+                            and not s["hgmma"]):
+                        errors.append(f"{where}: warpgroup kernel without HGMMA in its sm_90a SASS")
                     if row["ctas"] < floor:
                         errors.append(f"{where}: {row['ctas']} CTAs/SM ({p['regs']} registers, "
                                       f"{p['smem']} B smem, {threads} threads) below the floor {floor}")
@@ -249,12 +263,12 @@ def lint(jobs: int, only: list[str] | None = None) -> tuple[list[dict], list[str
 def table(rows: list[dict]) -> str:
     lines = [BEGIN,
              "| file | kernel | arch | threads | registers | smem (B) | stack / spill (B) | LDSM | "
-             "HMMA | CTAs/SM (floor) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "HMMA | HGMMA | CTAs/SM (floor) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: (r["file"], r["name"], r["arch"])):
         lines.append(f"| {r['file']} | `{r['name']}` | {r['arch']} | {r['threads']} | {r['regs']} | "
                      f"{r['smem']} | {r['stack']} / {r['spill_st'] + r['spill_ld']} | {r['ldsm']} | "
-                     f"{r['hmma']} | {r['ctas']} ({r['floor']}) |")
+                     f"{r['hmma']} | {r['hgmma']} | {r['ctas']} ({r['floor']}) |")
     lines.append(END)
     return "\n".join(lines)
 

@@ -47,6 +47,9 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   fi
   if [ -z "${FOURBIT_CUDA_ARCHS:-}" ]; then
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d . || true)
+    # Hopper (9.0) builds the arch-specific sm_90a target: its wgmma kernel
+    # (cuda/gemm_4bit_fused_sm90.cu, algo="fused_sm90") exists only there.
+    if [ "$cap" = "90" ]; then cap=90a; fi
     export FOURBIT_CUDA_ARCHS=${cap:-80}
   fi
 else

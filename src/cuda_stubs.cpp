@@ -39,6 +39,8 @@ int64_t gemm_4bit_fused_workspace_bytes(int64_t, int64_t, int64_t) {
   no_cuda("gemm_4bit_fused_workspace_bytes");
 }
 void gemm_4bit_fused_cuda(const Gemm4bitFusedParams&, cudaStream_t) { no_cuda("gemm_4bit_fused_cuda"); }
+bool fused_sm90_supported() { return false; }
+void gemm_4bit_fused_sm90_cuda(const Gemm4bitParams&, cudaStream_t) { no_cuda("gemm_4bit_fused_sm90_cuda"); }
 int64_t gemm_4bit_fused_grad_input_workspace_bytes(int64_t, int64_t, int64_t) {
   no_cuda("gemm_4bit_fused_grad_input_workspace_bytes");
 }

@@ -110,6 +110,20 @@ FusedPlan plan_fused_grad_input(int64_t M, int64_t N, int64_t K, int sm_count) {
   return plan_fused_tiles(M, K, N, sm_count, kFusedGradSmallTileN, kFusedGradLargeTileN);
 }
 
+FusedSm90Plan plan_fused_sm90(int64_t M, int64_t N, int64_t K) {
+  FOURBIT_CHECK_ARG(M >= 0 && N >= 0, "plan_fused_sm90: M and N must be >= 0, got ", M, ", ", N);
+  FOURBIT_CHECK_ARG(K > 0 && K % kFusedTileK == 0, "plan_fused_sm90: K must be a positive multiple of ",
+                    kFusedTileK, ", got ", K);
+  FusedSm90Plan p;
+  p.row_tiles = ceil_div(M, kFusedSm90TileM);
+  p.col_tiles = ceil_div(N, kFusedSm90TileN);
+  FOURBIT_CHECK_ARG(p.col_tiles <= kMaxGridX, "plan_fused_sm90: N = ", N, " needs too many tiles");
+  p.k_stages = K / kFusedTileK;
+  p.grid.x = static_cast<uint32_t>(std::max<int64_t>(p.col_tiles, 1));
+  p.grid.y = static_cast<uint32_t>(std::max<int64_t>(std::min(p.row_tiles, kMaxGridY), 1));
+  return p;
+}
+
 bool tensor_cores_usable(DType dtype, int compute_capability) {
   return dtype != DType::Float32 && compute_capability >= 80;
 }

@@ -43,6 +43,13 @@ struct Gemm4bitFusedParams {
 int64_t gemm_4bit_fused_workspace_bytes(int64_t M, int64_t N, int64_t K);
 void gemm_4bit_fused_cuda(const Gemm4bitFusedParams& p, cudaStream_t stream);
 
+// Hopper (sm_90a) forward on the same fragment copy (cuda/gemm_4bit_fused_sm90.cu): wgmma with
+// the decoded weight as its register A operand, meant for M >= 1024; no workspace (no split-K).
+// fused_sm90_supported(): the current device is compute capability 9.0 and this build holds
+// sm_90a code for it (FOURBIT_CUDA_ARCHS with 90a); gemm_4bit_fused_sm90_cuda refuses otherwise.
+bool fused_sm90_supported();
+void gemm_4bit_fused_sm90_cuda(const Gemm4bitParams& p, cudaStream_t stream);
+
 // dX = dY deq(W) on the same fragment copy (no bias). Also needs N % 8 == 0.
 struct Gemm4bitFusedGradInputParams {
   Gemm4bitGradInputParams gemm;

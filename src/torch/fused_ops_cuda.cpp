@@ -1,6 +1,7 @@
 // algo="fused" of gemm_4bit / gemm_4bit_grad_input on CUDA: the weight's fragment-layout copy
 // (include/fourbit/detail/fragment_layout.h) from a small cache, then the fused kernels of
 // cuda/gemm_4bit_fused.cu with their split-K workspace from torch's caching allocator.
+// algo="fused_sm90": the same copy, forward by cuda/gemm_4bit_fused_sm90.cu (Hopper wgmma).
 //
 // The cache: up to kFragmentCacheEntries weights, least recently used out. An entry holds
 // references to the weight's code and scale tensors (so their storage cannot be freed and
@@ -117,6 +118,19 @@ void fused_forward(const ForwardCall& call) {
     fp.workspace = workspace.data_ptr();
   }
   run_core([&] { gemm_4bit_fused_cuda(fp, current_stream()); });
+}
+
+void fused_sm90_forward(const ForwardCall& call) {
+  const Gemm4bitParams& p = call.params;
+  check_supported(p.weight, "gemm_4bit");
+  bool supported = false;
+  run_core([&] { supported = fused_sm90_supported(); });
+  CHECK_ARG(supported, "gemm_4bit: algo 'fused_sm90' needs an sm90 (Hopper) GPU and a build with sm_90a code "
+            "(FOURBIT_CUDA_ARCHS containing 90a); use algo='fused' or 'auto'");
+  const FragmentEntry e = fragments(call.W, call.absmax, p.weight);
+  Gemm4bitParams fp = p;
+  fp.weight = on_fragments(p.weight, e);
+  run_core([&] { gemm_4bit_fused_sm90_cuda(fp, current_stream()); });
 }
 
 void fused_grad_input(const GradInputCall& call) {

@@ -148,8 +148,9 @@ GemmAlgo parse_gemm_algo(const std::string& name) {
   if (name == "cuda_core") return GemmAlgo::CudaCore;
   if (name == "dequant_blas" || name == "dequant_cublas") return GemmAlgo::DequantBlas;
   if (name == "fused") return GemmAlgo::Fused;
+  if (name == "fused_sm90") return GemmAlgo::FusedSm90;
   CHECK_ARG(false, "algo must be one of 'auto', 'gemv', 'tensor_core', 'cuda_core', "
-            "'dequant_blas', 'dequant_cublas', 'fused', got '", name, "'");
+            "'dequant_blas', 'dequant_cublas', 'fused', 'fused_sm90', got '", name, "'");
 }
 
 void gemm_forward_dense(const ForwardCall& call, const at::Tensor& w) {

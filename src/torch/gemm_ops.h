@@ -65,8 +65,11 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_output, const WeightArgs
 // The kernel choice of the `algo` argument: the core's Gemm4bitAlgo plus the binding's
 // own dequantize + vendor-BLAS path ("dequant_blas"; "dequant_cublas" is its older CUDA
 // name and means the same on either device). "fused": the fragment-layout kernels
-// (cuda/gemm_4bit_fused.cu; CUDA only, explicit: auto never picks them yet).
-enum class GemmAlgo { Auto, Gemv, TensorCore, CudaCore, DequantBlas, Fused };
+// (cuda/gemm_4bit_fused.cu; CUDA only, explicit: auto never picks them yet). "fused_sm90":
+// the forward by the Hopper wgmma kernel (cuda/gemm_4bit_fused_sm90.cu; sm90 with sm_90a code
+// only, meant for M >= 1024, explicit and unmeasured like "fused"), the input gradient by
+// "fused"'s kernel. On the CPU both name the CPU's own kernels, as "fused" does.
+enum class GemmAlgo { Auto, Gemv, TensorCore, CudaCore, DequantBlas, Fused, FusedSm90 };
 GemmAlgo parse_gemm_algo(const std::string& name);
 
 // The CPU's large-M path: from kCpuBlasMinRows rows, bf16/fp32 products run as a

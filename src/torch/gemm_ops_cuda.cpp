@@ -8,6 +8,9 @@
 //   input gradient, every M     -> dequantize into a temporary + cuBLAS
 // algo="fused" (explicit only; unmeasured, so auto does not pick it): the fragment-layout
 // kernels on a cached repack of the weight (fused_ops_cuda.cpp).
+// algo="fused_sm90" (explicit only, unmeasured): the forward by the Hopper wgmma kernel on the
+// same cached copy (sm90 and a build with 90a in FOURBIT_CUDA_ARCHS, else a ValueError); its
+// input gradient is "fused"'s.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -81,6 +84,7 @@ void cuda_forward(const ForwardCall& call) {
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
   if (p.M == 0 || p.weight.N == 0) return;
   if (algo == GemmAlgo::Fused) return fourbit::binding::fused_forward(call);
+  if (algo == GemmAlgo::FusedSm90) return fourbit::binding::fused_sm90_forward(call);
   if (use_cublas(algo, fourbit::binding::forward_uses_blas(p.M, p.dtype))) {
     fourbit::binding::gemm_forward_dense(
         call, fourbit::binding::dequantized_weight(p.weight, p.dtype, call.x.options()));
@@ -94,7 +98,7 @@ void cuda_grad_input(const GradInputCall& call) {
   const fourbit::Gemm4bitGradInputParams& p = call.params;
   const GemmAlgo algo = fourbit::binding::parse_gemm_algo(call.algo);
   if (p.M == 0 || p.weight.K == 0) return;
-  if (algo == GemmAlgo::Fused) return fourbit::binding::fused_grad_input(call);
+  if (algo == GemmAlgo::Fused || algo == GemmAlgo::FusedSm90) return fourbit::binding::fused_grad_input(call);
   if (use_cublas(algo, fourbit::binding::grad_input_uses_blas(p.M, p.dtype))) {
     fourbit::binding::gemm_grad_input_dense(
         call, fourbit::binding::dequantized_weight(p.weight, p.dtype, call.grad_output.options()));

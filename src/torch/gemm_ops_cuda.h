@@ -32,6 +32,8 @@ at::Tensor dequantized_weight(const Weight4bit& w, DType dtype, const at::Tensor
 struct ForwardCall;
 struct GradInputCall;
 void fused_forward(const ForwardCall& call);
+// algo="fused_sm90": the same cached copy, forward by the sm_90a wgmma kernel.
+void fused_sm90_forward(const ForwardCall& call);
 void fused_grad_input(const GradInputCall& call);
 
 // Makes the tensor's device current for the op's lifetime.

@@ -138,4 +138,33 @@ TEST(LaunchPlan, MatmulPathByShapeDtypeAndArchitecture) {
   EXPECT_FALSE(plan::tensor_cores_usable(DType::Float32, 90));
 }
 
+TEST(LaunchPlan, FusedSm90TilesTheOutputWithoutSplitK) {
+  // Llama-8B's q/o projection at a training batch: 4096 x 4096, M = 2048.
+  plan::FusedSm90Plan p = plan::plan_fused_sm90(2048, 4096, 4096);
+  EXPECT_EQ(p.row_tiles, 16);
+  EXPECT_EQ(p.col_tiles, 32);
+  EXPECT_EQ(p.k_stages, 64);
+  EXPECT_EQ(p.grid.x, 32u);
+  EXPECT_EQ(p.grid.y, 16u);
+  // Ragged edges round up (the kernel masks them): the MLP's 14336 rows, odd M.
+  p = plan::plan_fused_sm90(1030, 14336 + 3, 4096);
+  EXPECT_EQ(p.row_tiles, 9);
+  EXPECT_EQ(p.col_tiles, 113);
+  // More X-row tiles than gridDim.y takes: the grid strides.
+  p = plan::plan_fused_sm90(plan::kMaxGridY * plan::kFusedSm90TileM + 1, 128, 64);
+  EXPECT_EQ(p.row_tiles, plan::kMaxGridY + 1);
+  EXPECT_EQ(p.grid.y, static_cast<uint32_t>(plan::kMaxGridY));
+  // Empty shapes still give a valid (unlaunched) grid.
+  p = plan::plan_fused_sm90(0, 0, 64);
+  EXPECT_EQ(p.row_tiles, 0);
+  EXPECT_EQ(p.grid.x, 1u);
+  EXPECT_EQ(p.grid.y, 1u);
+  EXPECT_THROW(plan::plan_fused_sm90(1024, 4096, 96), fourbit::Error);  // K % 64
+  EXPECT_THROW(plan::plan_fused_sm90(1024, 4096, 0), fourbit::Error);
+  EXPECT_THROW(plan::plan_fused_sm90(-1, 4096, 64), fourbit::Error);
+  // The tile the kernel assumes: a warpgroup per 64 W rows, wgmma's N <= 256 and % 8.
+  static_assert(plan::kFusedSm90TileN == 64 * plan::kFusedSm90Warpgroups, "a warpgroup per 64 rows");
+  static_assert(plan::kFusedSm90TileM % 8 == 0 && plan::kFusedSm90TileM <= 256, "a valid wgmma N");
+}
+
 }  // namespace

@@ -27,7 +27,7 @@ def test_algos_grid_covers_every_kernel_shape_m_and_mode():
     for r in rows:
         for base in ("torch_bf16", "deq+linear", "bitsandbytes", "fourbit"):
             assert base in r["labels"]
-        for algo in ("fused", "tensor_core", "dequant_cublas"):
+        for algo in ("fused", "fused_sm90", "tensor_core", "dequant_cublas"):
             assert f"fourbit[{algo}]" in r["labels"]
         assert ("fourbit[gemv]" in r["labels"]) == (r["mode"] == "fwd")  # no gradient kernel
 

@@ -388,12 +388,12 @@ def test_fused_matches_cpu_twin_large_shapes(dtype):
     _check_fused(dtype, "nf4", True, FUSED_LARGE_SHAPES)
 
 
-def _check_fused(dtype, quant_type, nested, shapes):
+def _check_fused(dtype, quant_type, nested, shapes, algo="fused"):
     for M, N, K, blocksize in shapes:
         q, qs, Wd = _quantized_weight(N, K, quant_type, nested, blocksize, device="cuda")
         X = torch.randn(M, K).to(dtype).cuda()
         bias = torch.randn(N).to(dtype).cuda()
-        got = _gemm(X, q, qs, bias, algo="fused")
+        got = _gemm(X, q, qs, bias, algo=algo)
         assert_close(got, X, Wd.t(), bias, weight_roundoff=UNIT_ROUNDOFF[dtype])
         qs_cpu = copy.deepcopy(qs)
         qs_cpu.to("cpu")  # in place, as bitsandbytes' QuantState.to
@@ -401,8 +401,51 @@ def _check_fused(dtype, quant_type, nested, shapes):
         assert_close(cpu, X, Wd.t(), bias, weight_roundoff=UNIT_ROUNDOFF[dtype])
         if N % 8 == 0:
             dY = torch.randn(M, N).to(dtype).cuda()
-            assert_close(_gemm_grad_input(dY, q, qs, algo="fused"), dY, Wd, None,
+            assert_close(_gemm_grad_input(dY, q, qs, algo=algo), dY, Wd, None,
                          weight_roundoff=UNIT_ROUNDOFF[dtype])
+
+
+# algo="fused_sm90" (Hopper wgmma, cuda/gemm_4bit_fused_sm90.cu): 128 x 128 CTA tiles over (X rows,
+# W rows), no split-K. Training-sized M, and ragged edges: M and N off the tile, N off 16
+# (padded fragment rows), blocksize 32..1024, one-stage K, M < 128 (one partial tile).
+FUSED_SM90_SHAPES = [(1024, 4096, 512, 64), (1030, 200, 640, 128), (5, 40, 192, 32), (300, 1000, 256, 256),
+                     (2048, 136, 1024, 1024), (129, 17, 64, 64)]
+
+
+def _fused_sm90_runs():
+    """True on an sm90 GPU with a build that holds sm_90a code (FOURBIT_CUDA_ARCHS with 90a)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        return False
+    q, qs, _ = _quantized_weight(16, 64, "nf4", False, 64, device="cuda")
+    try:
+        _gemm(torch.zeros(1, 64, dtype=torch.bfloat16, device="cuda"), q, qs, algo="fused_sm90")
+    except ValueError as e:
+        if "sm_90a" in str(e):
+            return False
+        raise
+    return True
+
+
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_fused_sm90_matches_cpu_twin(dtype, quant_type, nested):
+    """algo="fused_sm90" (wgmma with the decoded weight as register A, X through the shared-memory
+    descriptor) and the CPU twin within the same bound as algo="fused", forward with bias; its
+    input gradient is "fused"'s kernel (checked the same way)."""
+    if not _fused_sm90_runs():
+        pytest.skip("algo='fused_sm90' needs an sm90 GPU and a build with 90a in FOURBIT_CUDA_ARCHS")
+    _check_fused(dtype, quant_type, nested, FUSED_SM90_SHAPES, algo="fused_sm90")
+
+
+def test_fused_sm90_is_refused_off_hopper():
+    """Off sm90 (or without sm_90a code) algo="fused_sm90" is a ValueError naming what it needs,
+    never a launch of the trapping body."""
+    if _fused_sm90_runs():
+        pytest.skip("this GPU runs algo='fused_sm90'")
+    q, qs, _ = _quantized_weight(16, 64, "nf4", False, 64, device="cuda")
+    with pytest.raises(ValueError, match="sm_90a"):
+        _gemm(torch.randn(3, 64, dtype=torch.bfloat16, device="cuda"), q, qs, algo="fused_sm90")
 
 
 def test_fused_cache_sees_in_place_writes_and_rejects_unsupported_shapes():

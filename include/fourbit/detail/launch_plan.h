@@ -119,6 +119,28 @@ FusedPlan plan_fused(int64_t M, int64_t N, int64_t K, int sm_count);
 constexpr int64_t kFusedGradSmallTileN = 256, kFusedGradLargeTileN = 128;
 FusedPlan plan_fused_grad_input(int64_t M, int64_t N, int64_t K, int sm_count);
 
+// Hopper (sm90a) fused forward (cuda/gemm_4bit_fused_sm90.cu), for training shapes (M >= 1024
+// rows of X): wgmma.m64nNk16 with the decoded weight as the register A operand (W rows are
+// wgmma's M: 64 per warpgroup) and X from shared memory as B (wgmma's N = the CTA's X rows).
+// A CTA is kFusedSm90Warpgroups warpgroups over kFusedSm90TileN rows of W, all sharing one
+// kFusedSm90TileM-row activation tile; blockIdx.x = the W-row tile, blockIdx.y strides over the
+// X-row tiles. No split-K: at M >= 1024 the output tiles alone give several waves (Llama-8B's
+// 4096 x 4096 at M = 1024: 32 x 8 = 256 CTAs on 132 SMs).
+constexpr int kFusedSm90Warpgroups = 2;
+constexpr int kFusedSm90Threads = 128 * kFusedSm90Warpgroups;
+constexpr int64_t kFusedSm90TileN = 64 * kFusedSm90Warpgroups;  // W rows (output columns)
+constexpr int64_t kFusedSm90TileM = 128;                        // X rows: wgmma's N
+constexpr int kFusedSm90Stages = 4;                             // cp.async stages (3 ahead)
+constexpr int64_t kFusedSm90MinM = 1024;  // the shapes it is meant for (the binding's doc; not enforced)
+struct FusedSm90Plan {
+  int64_t row_tiles = 0;  // X-row tiles of kFusedSm90TileM
+  int64_t col_tiles = 0;  // W-row tiles of kFusedSm90TileN
+  int64_t k_stages = 0;   // K / kFusedTileK
+  Grid grid;              // x: col_tiles, y: min(row_tiles, kMaxGridY) (grid-stride beyond)
+};
+// Requires K % kFusedTileK == 0; M, N >= 0. Throws when N needs more than kMaxGridX tiles.
+FusedSm90Plan plan_fused_sm90(int64_t M, int64_t N, int64_t K);
+
 // Which path a 4-bit matmul takes. `has_blas`: the caller can run a dense GEMM (the torch
 // binding, through cuBLAS); the core alone cannot.
 enum class MatmulPath { Gemv, DequantizeBlas, TensorCoreTiled, CudaCoreTiled };
