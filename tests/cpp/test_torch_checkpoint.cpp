@@ -145,6 +145,31 @@ TEST(SafetensorsFile, TruncatedAndOutOfRangeFilesFailBeforeAnyRead) {
   EXPECT_EQ(mappings_of(path), 0);  // the failed constructors unmapped
 }
 
+TEST(SafetensorsFile, EveryTruncationAndHeaderByteFlipFailsCleanly) {
+  // Every proper prefix of a valid file is refused with c10::ValueError (the mapping never
+  // read past the end: the ASan run of this suite checks that); a flipped header byte either
+  // still describes in-range tensors or is refused the same way.
+  const fs::path path = temp_dir("cut") / "t.safetensors";
+  fio::save_safetensors(path.string(), {{"a", torch::arange(10, torch::kInt16)}, {"b", torch::ones({3, 5})}});
+  const std::string good = read_bytes(path);
+  for (size_t n = 0; n < good.size(); ++n) {
+    write_bytes(path, good.substr(0, n));
+    EXPECT_THROW(fio::load_safetensors(path.string()), c10::ValueError) << "prefix of " << n << " bytes";
+  }
+  const size_t header_end = 8 + static_cast<uint8_t>(good[0]) + 256 * static_cast<uint8_t>(good[1]);
+  for (size_t i = 0; i < header_end; ++i) {
+    for (char flip : {'\x01', '\x08', '\x40', '\x80'}) {
+      std::string bad = good;
+      bad[i] = static_cast<char>(bad[i] ^ flip);
+      write_bytes(path, bad);
+      try {
+        for (const auto& [k, t] : fio::load_safetensors(path.string())) EXPECT_GE(t.numel(), 0) << k;
+      } catch (const c10::ValueError&) {
+      }
+    }
+  }
+}
+
 TEST(SafetensorsFile, LoadPeakIsTheCopiesPlusOneTensor) {
   // 48 tensors of 1 MiB. Reading the whole file and then copying held 2x (96 MiB); mapped and
   // copied one at a time, the peak is the copies (48 MiB) plus one tensor's pages.
