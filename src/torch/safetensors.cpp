@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -34,6 +35,8 @@ constexpr DtypeName kDtypes[] = {
 
 // A header larger than this is not a real one (safetensors itself caps it at 100 MB).
 constexpr uint64_t kMaxHeaderBytes = 100u << 20;
+// A tensor is copied out of the mapping this many bytes at a time.
+constexpr uint64_t kCopyChunkBytes = 4u << 20;
 
 }  // namespace
 
@@ -143,14 +146,19 @@ std::vector<std::string> SafetensorsFile::keys() const {
   ::torch::Tensor t = ::torch::empty(e.shape, ::torch::TensorOptions().dtype(e.dtype));
   const uint64_t nbytes = e.end - e.begin;
   if (nbytes == 0) return t;
+  // Copied in chunks; after each, the file pages it touched are dropped from the mapping (they
+  // stay in the page cache), so the resident set holds the copies plus one chunk of the file.
   const char* base = static_cast<const char*>(map_);
-  std::memcpy(t.data_ptr(), base + data_start_ + e.begin, nbytes);
-  // Drop the file pages this copy touched from the mapping (they stay in the page cache), so
-  // the process's resident set holds the copies, not the file too.
+  char* dst = static_cast<char*>(t.data_ptr());
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  const uint64_t first = (data_start_ + e.begin) / page * page;
-  const uint64_t last = data_start_ + e.end;
-  ::madvise(const_cast<char*>(base) + first, last - first, MADV_DONTNEED);
+  for (uint64_t done = 0; done < nbytes;) {
+    const uint64_t n = std::min(kCopyChunkBytes, nbytes - done);
+    const uint64_t from = data_start_ + e.begin + done;
+    std::memcpy(dst + done, base + from, n);
+    const uint64_t first = from / page * page;
+    ::madvise(const_cast<char*>(base) + first, from + n - first, MADV_DONTNEED);
+    done += n;
+  }
   return t;
 }
 

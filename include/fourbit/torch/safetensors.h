@@ -20,8 +20,8 @@ using TensorMap = std::map<std::string, ::torch::Tensor>;
 // One safetensors file, mapped read-only for the object's lifetime. The constructor checks the
 // whole header against the file's size (a malformed file throws c10::ValueError naming the
 // file, the entry and the bad value), so tensor() never reads outside the file. tensor()
-// copies one tensor out to the CPU and releases the pages it touched from the mapping, so a
-// load holds the copies plus at most one tensor's pages of the file.
+// copies one tensor out to the CPU in 4 MiB chunks, releasing each chunk's pages from the
+// mapping after it, so a load holds the copies plus at most one chunk of the file.
 class SafetensorsFile {
  public:
   explicit SafetensorsFile(const std::string& path);
