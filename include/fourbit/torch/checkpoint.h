@@ -18,8 +18,8 @@ class CheckpointReader {
   // model.safetensors.index.json or model.safetensors. An index is checked up front: every
   // shard must be a relative path inside the index's directory (no "..", not absolute, no
   // symlink out), exist, be a valid safetensors file and hold every tensor the index puts in
-  // it; each shard is mapped, checked and unmapped in turn. Errors (c10::ValueError) name the
-  // index, the key and the shard file.
+  // it; the shards are mapped and checked one after another (the last stays mapped until
+  // another is needed). Errors (c10::ValueError) name the index, the key and the shard file.
   explicit CheckpointReader(const std::string& path);
 
   const std::vector<std::string>& keys() const { return keys_; }  // sorted
