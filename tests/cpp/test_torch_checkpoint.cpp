@@ -195,7 +195,10 @@ TEST(SafetensorsFile, LoadPeakIsTheCopiesPlusOneTensor) {
     fio::save_safetensors(path.string(), big);
   }
   const int64_t before = reset_peak();
-  if (before < 0) GTEST_SKIP() << "cannot reset VmHWM here (/proc/self/clear_refs)";
+  if (before < 0) {
+    fs::remove(path);
+    GTEST_SKIP() << "cannot reset VmHWM here (/proc/self/clear_refs)";
+  }
   const auto loaded = fio::load_safetensors(path.string());
   const int64_t peak_mib = (status_kb("VmHWM") - before) / 1024;
   ASSERT_EQ(loaded.size(), size_t{kTensors});
@@ -203,6 +206,7 @@ TEST(SafetensorsFile, LoadPeakIsTheCopiesPlusOneTensor) {
   RecordProperty("peak_growth_mib", std::to_string(peak_mib));
   EXPECT_GE(peak_mib, kTensors - 1);
   EXPECT_LE(peak_mib, kTensors + 8) << "peak grew " << peak_mib << " MiB for " << kTensors << " MiB of tensors";
+  fs::remove(path);
 }
 
 TEST(SafetensorsFile, OneLargeTensorIsCopiedInChunks) {
@@ -220,13 +224,17 @@ TEST(SafetensorsFile, OneLargeTensorIsCopiedInChunks) {
     for (int64_t i = 0; i < kSize; ++i) out.write(reinterpret_cast<const char*>(chunk.data()), kMiB);
   }
   const int64_t before = reset_peak();
-  if (before < 0) GTEST_SKIP() << "cannot reset VmHWM here (/proc/self/clear_refs)";
+  if (before < 0) {
+    fs::remove(path);
+    GTEST_SKIP() << "cannot reset VmHWM here (/proc/self/clear_refs)";
+  }
   const torch::Tensor w = fio::SafetensorsFile(path.string()).tensor("w");
   const int64_t peak_mib = (status_kb("VmHWM") - before) / 1024;
   EXPECT_EQ(w[kSize * kMiB / 4 - 1].item<float>(), 5.0f);
   RecordProperty("peak_growth_mib", std::to_string(peak_mib));
   EXPECT_GE(peak_mib, kSize - 1);
   EXPECT_LE(peak_mib, kSize + 8) << "peak grew " << peak_mib << " MiB for a " << kSize << " MiB tensor";
+  fs::remove(path);
 }
 
 TEST(ShardedCheckpoint, LoadsTransformersShardsLikeTheSingleFile) {
