@@ -1,13 +1,18 @@
-// The safetensors reader and writer (include/fourbit/torch/safetensors.h); the header is
-// parsed and written with nlohmann-json.
+// The safetensors reader (mmap, one tensor copied out at a time) and writer
+// (include/fourbit/torch/safetensors.h); the header is parsed and written with nlohmann-json.
 #include "fourbit/torch/safetensors.h"
 
 #include <c10/util/Exception.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
-#include <iterator>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <vector>
@@ -30,36 +35,63 @@ constexpr DtypeName kDtypes[] = {
 
 // A header larger than this is not a real one (safetensors itself caps it at 100 MB).
 constexpr uint64_t kMaxHeaderBytes = 100u << 20;
+// A tensor is copied out of the mapping this many bytes at a time.
+constexpr uint64_t kCopyChunkBytes = 4u << 20;
 
 }  // namespace
 
-TensorMap load_safetensors(const std::string& path, std::map<std::string, std::string>* metadata) {
-  std::ifstream in(path, std::ios::binary);
-  TORCH_CHECK_VALUE(in.good(), "safetensors: cannot open '", path, "'");
-  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  TORCH_CHECK_VALUE(bytes.size() >= 8, "safetensors: '", path, "' has ", bytes.size(),
-                    " bytes, too few for the 8-byte header length");
+SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  TORCH_CHECK_VALUE(fd >= 0, "safetensors: cannot open '", path, "': ", std::strerror(errno));
+  struct stat st {};
+  const int stat_rc = ::fstat(fd, &st);
+  const int stat_errno = errno;
+  if (stat_rc != 0 || !S_ISREG(st.st_mode)) ::close(fd);
+  TORCH_CHECK_VALUE(stat_rc == 0, "safetensors: cannot stat '", path, "': ", std::strerror(stat_errno));
+  TORCH_CHECK_VALUE(S_ISREG(st.st_mode), "safetensors: '", path, "' is not a regular file");
+  size_ = static_cast<size_t>(st.st_size);
+  if (size_ < 8) ::close(fd);
+  TORCH_CHECK_VALUE(size_ >= 8, "safetensors: '", path, "' has ", size_, " bytes, too few for the 8-byte header length");
+  map_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  const int map_errno = errno;
+  ::close(fd);  // the mapping keeps the file
+  if (map_ == MAP_FAILED) map_ = nullptr;
+  TORCH_CHECK_VALUE(map_, "safetensors: cannot mmap '", path, "' (", size_, " bytes): ", std::strerror(map_errno));
+  try {
+    parse_header();
+  } catch (...) {
+    ::munmap(map_, size_);
+    throw;
+  }
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (map_) ::munmap(map_, size_);
+}
+
+void SafetensorsFile::parse_header() {
+  const char* bytes = static_cast<const char*>(map_);
+  const std::string& path = path_;
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<uint8_t>(bytes[i]);
-  TORCH_CHECK_VALUE(header_len <= kMaxHeaderBytes && header_len <= bytes.size() - 8, "safetensors: '", path,
-                    "' declares a header of ", header_len, " bytes, but the file has ", bytes.size(), " bytes");
+  TORCH_CHECK_VALUE(header_len <= kMaxHeaderBytes && header_len <= size_ - 8, "safetensors: '", path,
+                    "' declares a header of ", header_len, " bytes, but the file has ", size_, " bytes");
   json header;
   try {
-    header = json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<int64_t>(header_len));
+    header = json::parse(bytes + 8, bytes + 8 + header_len);
   } catch (const json::exception& e) {
     TORCH_CHECK_VALUE(false, "safetensors: the header of '", path, "' is not valid JSON: ", e.what());
   }
   TORCH_CHECK_VALUE(header.is_object(), "safetensors: the header of '", path, "' must be a JSON object, got ",
                     header.type_name());
-  const char* data = bytes.data() + 8 + header_len;
-  const uint64_t data_len = bytes.size() - 8 - header_len;
-  TensorMap out;
+  data_start_ = 8 + header_len;
+  const uint64_t data_len = size_ - data_start_;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       TORCH_CHECK_VALUE(entry.is_object(), "safetensors: '", path, "': __metadata__ must be an object");
       for (const auto& [k, v] : entry.items()) {
         TORCH_CHECK_VALUE(v.is_string(), "safetensors: '", path, "': __metadata__['", k, "'] must be a string");
-        if (metadata) (*metadata)[k] = v.get<std::string>();
+        metadata_[k] = v.get<std::string>();
       }
       continue;
     }
@@ -96,9 +128,46 @@ TensorMap load_safetensors(const std::string& path, std::map<std::string, std::s
     const uint64_t nbytes = numel * c10::elementSize(dtype->dtype);
     TORCH_CHECK_VALUE(end - begin == nbytes, where, ": data_offsets span ", end - begin, " bytes, but ", dtype_name,
                       " ", entry["shape"].dump(), " needs ", nbytes);
-    ::torch::Tensor t = ::torch::empty(shape, ::torch::TensorOptions().dtype(dtype->dtype));
-    if (nbytes) std::memcpy(t.data_ptr(), data + begin, nbytes);
-    out.emplace(name, std::move(t));
+    entries_.emplace(name, Entry{dtype->dtype, std::move(shape), begin, end});
+  }
+}
+
+std::vector<std::string> SafetensorsFile::keys() const {
+  std::vector<std::string> out;
+  out.reserve(entries_.size());
+  for (const auto& [name, entry] : entries_) out.push_back(name);
+  return out;
+}
+
+::torch::Tensor SafetensorsFile::tensor(const std::string& name) const {
+  auto it = entries_.find(name);
+  TORCH_CHECK_VALUE(it != entries_.end(), "safetensors: '", path_, "' has no tensor '", name, "'");
+  const Entry& e = it->second;
+  ::torch::Tensor t = ::torch::empty(e.shape, ::torch::TensorOptions().dtype(e.dtype));
+  const uint64_t nbytes = e.end - e.begin;
+  if (nbytes == 0) return t;
+  // Copied in chunks; after each, the file pages it touched are dropped from the mapping (they
+  // stay in the page cache), so the resident set holds the copies plus one chunk of the file.
+  const char* base = static_cast<const char*>(map_);
+  char* dst = static_cast<char*>(t.data_ptr());
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  for (uint64_t done = 0; done < nbytes;) {
+    const uint64_t n = std::min(kCopyChunkBytes, nbytes - done);
+    const uint64_t from = data_start_ + e.begin + done;
+    std::memcpy(dst + done, base + from, n);
+    const uint64_t first = from / page * page;
+    ::madvise(const_cast<char*>(base) + first, from + n - first, MADV_DONTNEED);
+    done += n;
+  }
+  return t;
+}
+
+TensorMap load_safetensors(const std::string& path, std::map<std::string, std::string>* metadata) {
+  const SafetensorsFile file(path);
+  TensorMap out;
+  for (const auto& name : file.keys()) out.emplace(name, file.tensor(name));
+  if (metadata) {
+    for (const auto& [k, v] : file.metadata()) (*metadata)[k] = v;
   }
   return out;
 }

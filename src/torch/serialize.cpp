@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "fourbit/codebook.h"
+#include "fourbit/torch/checkpoint.h"
 #include "fourbit/torch/nn.h"
 #include "fourbit/types.h"
 
@@ -94,19 +95,23 @@ int64_t json_int(const json& obj, const char* field, const std::string& key) {
   return v.get<int64_t>();
 }
 
+// The tensors of a checkpoint by key, from a TensorMap or a CheckpointReader (which copies
+// each one out of its shard when asked), with the keys used so far.
 class KeyReader {
  public:
-  KeyReader(const TensorMap& tensors) : tensors_(tensors) {}
-  bool has(const std::string& key) const { return tensors_.count(key) != 0; }
-  const Tensor& need(const std::string& key) {
-    auto it = tensors_.find(key);
-    TORCH_CHECK_VALUE(it != tensors_.end(), "checkpoint is missing key '", key, "'");
+  explicit KeyReader(const TensorMap& tensors) : map_(&tensors) {
+    for (const auto& [k, v] : tensors) keys_.push_back(k);
+  }
+  explicit KeyReader(CheckpointReader& reader) : reader_(&reader), keys_(reader.keys()) {}
+  bool has(const std::string& key) const { return map_ ? map_->count(key) != 0 : reader_->contains(key); }
+  Tensor need(const std::string& key) {
+    TORCH_CHECK_VALUE(has(key), "checkpoint is missing key '", key, "'");
     used_.insert(key);
-    return it->second;
+    return map_ ? map_->at(key) : reader_->tensor(key);
   }
   void check_all_used(const std::string& prefix, const char* what) const {
     std::vector<std::string> unused;
-    for (const auto& [k, v] : tensors_) {
+    for (const auto& k : keys_) {
       if (k.compare(0, prefix.size(), prefix) == 0 && !used_.count(k)) unused.push_back(k);
     }
     if (unused.empty()) return;
@@ -117,7 +122,9 @@ class KeyReader {
   }
 
  private:
-  const TensorMap& tensors_;
+  const TensorMap* map_ = nullptr;
+  CheckpointReader* reader_ = nullptr;
+  std::vector<std::string> keys_;
   std::set<std::string> used_;
 };
 
@@ -130,7 +137,7 @@ void copy_into(const Tensor& dst, const Tensor& src, const std::string& key) {
 
 void load_linear(nn::Linear4bitImpl& layer, const std::string& base, KeyReader& keys) {
   const std::string wkey = base + "weight";
-  const Tensor& packed = keys.need(wkey);
+  const Tensor packed = keys.need(wkey);
   std::string qs_key;
   for (const char* qt : {"nf4", "fp4"}) {
     const std::string k = wkey + ".quant_state.bitsandbytes__" + qt;
@@ -141,7 +148,7 @@ void load_linear(nn::Linear4bitImpl& layer, const std::string& base, KeyReader& 
   }
   TORCH_CHECK_VALUE(!qs_key.empty(), "checkpoint is missing key '", wkey,
                     ".quant_state.bitsandbytes__nf4' (or __fp4): '", wkey, "' is not a 4-bit weight");
-  const Tensor& qs_tensor = keys.need(qs_key);
+  const Tensor qs_tensor = keys.need(qs_key);
   TORCH_CHECK_VALUE(qs_tensor.scalar_type() == ::torch::kUInt8 && qs_tensor.dim() == 1 &&
                         static_cast<size_t>(qs_tensor.numel()) <= kMaxQuantStateJson,
                     "checkpoint key '", qs_key, "' must be a 1-D uint8 tensor of JSON bytes (at most ",
@@ -171,7 +178,7 @@ void load_linear(nn::Linear4bitImpl& layer, const std::string& base, KeyReader& 
                     "': shape is ", qs.contains("shape") ? qs["shape"].dump() : std::string("(missing)"),
                     " but the model's layer is [", N, ", ", K, "]");
 
-  const Tensor& quant_map = keys.need(wkey + ".quant_map");
+  const Tensor quant_map = keys.need(wkey + ".quant_map");
   const auto& code = codebook_4bit(parse_quant_type(state.quant_type));
   const Tensor expected = ::torch::tensor(std::vector<float>(code.begin(), code.end()));
   TORCH_CHECK_VALUE(quant_map.numel() == 16 && ::torch::equal(quant_map.to(::torch::kFloat32).reshape({-1}), expected),
@@ -196,7 +203,7 @@ void load_linear(nn::Linear4bitImpl& layer, const std::string& base, KeyReader& 
     TORCH_CHECK_VALUE(!keys.has(wkey + ".nested_quant_map") && !qs.contains("nested_offset"), "checkpoint key '",
                       wkey, "': nested fields are present but '", wkey, ".nested_absmax' is missing");
   }
-  const Tensor& absmax = keys.need(wkey + ".absmax");
+  const Tensor absmax = keys.need(wkey + ".absmax");
   try {
     layer.load_quantized(packed, absmax, state, nested_absmax, nested_code);
   } catch (const c10::ValueError& e) {
@@ -204,7 +211,7 @@ void load_linear(nn::Linear4bitImpl& layer, const std::string& base, KeyReader& 
   }
   if (layer.bias().defined()) {
     const std::string bkey = base + "bias";
-    const Tensor& b = keys.need(bkey);
+    const Tensor b = keys.need(bkey);
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N, "checkpoint key '", bkey, "' has shape ", b.sizes(),
                       ", the model's bias is [", N, "]");
     TORCH_CHECK_VALUE(b.is_floating_point(), "checkpoint key '", bkey, "' must be a float tensor, got ",
@@ -229,9 +236,10 @@ Tensor to_json_tensor(const ordered_json& j) {
 
 }  // namespace
 
-void load_4bit_state_dict(::torch::nn::Module& model, const TensorMap& tensors, bool strict, const std::string& prefix) {
+namespace {
+
+void load_4bit(::torch::nn::Module& model, KeyReader& keys, bool strict, const std::string& prefix) {
   const Layers layers = collect(model);
-  KeyReader keys(tensors);
   for (const auto& [path, layer] : layers.linear) load_linear(*layer, prefix + (path.empty() ? "" : path + "."), keys);
   for (const auto& [path, t] : layers.plain) {
     const std::string key = prefix + path;
@@ -241,8 +249,17 @@ void load_4bit_state_dict(::torch::nn::Module& model, const TensorMap& tensors, 
   if (strict) keys.check_all_used(prefix, "checkpoint");
 }
 
+}  // namespace
+
+void load_4bit_state_dict(::torch::nn::Module& model, const TensorMap& tensors, bool strict, const std::string& prefix) {
+  KeyReader keys(tensors);
+  load_4bit(model, keys, strict, prefix);
+}
+
 void load_4bit_checkpoint(::torch::nn::Module& model, const std::string& path, bool strict, const std::string& prefix) {
-  load_4bit_state_dict(model, load_safetensors(path), strict, prefix);
+  CheckpointReader reader(path);
+  KeyReader keys(reader);
+  load_4bit(model, keys, strict, prefix);
 }
 
 TensorMap state_dict_4bit(const ::torch::nn::Module& model, const std::string& prefix) {
@@ -375,7 +392,7 @@ void load_peft_adapter(::torch::nn::Module& model, const std::string& directory)
                       ", use_rslora=", rslora, ") but the model's LoRA layer '", path, "' has ", lora->scaling());
     for (const char* which : {"lora_A", "lora_B"}) {
       const std::string key = kPeftPrefix + path + "." + which + ".weight";
-      const Tensor& t = [&]() -> const Tensor& {
+      const Tensor t = [&]() -> Tensor {
         try {
           return keys.need(key);
         } catch (const c10::ValueError&) {

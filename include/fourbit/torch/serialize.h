@@ -24,10 +24,14 @@
 namespace fourbit {
 namespace io {
 
-// Loads a 4-bit checkpoint (a .safetensors file) into `model`. `prefix` is prepended to the
-// module paths to form the checkpoint's keys (e.g. "model." for a transformers checkpoint
-// whose tree is wrapped). strict: every tensor of the model must be in the file and every key
-// of the file under `prefix` must be used. Errors (c10::ValueError) name the key and the value.
+// Loads a 4-bit checkpoint into `model`: a .safetensors file, a transformers sharded
+// checkpoint's model.safetensors.index.json, or a directory holding either (see checkpoint.h;
+// shards are mapped one at a time and each tensor copied straight into its layer, so the load
+// holds the model plus one shard's mapping and one layer's tensors). `prefix` is prepended to
+// the module paths to form the checkpoint's keys (e.g. "model." for a transformers checkpoint
+// whose tree is wrapped). strict: every tensor of the model must be in the checkpoint and
+// every key of it under `prefix` must be used. Errors (c10::ValueError) name the key and the
+// value (and the index and shard file for a bad index).
 void load_4bit_checkpoint(::torch::nn::Module& model, const std::string& path, bool strict = true,
                           const std::string& prefix = "");
 void load_4bit_state_dict(::torch::nn::Module& model, const TensorMap& tensors, bool strict = true,
