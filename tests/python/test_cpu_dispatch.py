@@ -213,18 +213,30 @@ LORA_SCRIPT = textwrap.dedent("""
     def last():
         return json.loads(torch.ops.fourbit.cpu_matmul_info())["last"]
 
-    out, paths = [], {}
+    # The blas path's products, replayed with ATen's ops on the dequantized weight: the op's
+    # Y (dX) equals this bit for bit exactly when its forward (backward) took blas.
+    wd = F.dequantize_4bit(q, qs)
+
+    def dense(x, dy):
+        y = torch.mm(x, wd.t()).addmm_(torch.mm(x, A.t()), B.t(), alpha=0.5)
+        g = torch.addmm(torch.empty(x.shape[0], 16, dtype=x.dtype), dy, B, beta=0, alpha=0.5)
+        return y, torch.mm(dy, wd).addmm_(g, A)
+
+    out, paths, is_dense = [], {}, {}
     for m in (3, 64, 300):
         x = torch.randn(m, 1024, dtype=torch.bfloat16)
         y, xa = torch.ops.fourbit.lora_4bit(x, W, *args[:4], None, *args[4:], A, B, 0.5, None)  # no bias
         fwd = last()["lora_forward"]
         dy = torch.randn(m, 512, dtype=torch.bfloat16)
-        grads = torch.ops.fourbit.lora_4bit_backward(dy, W, *args, A, B, 0.5, x, xa, False,
+        # XA from ATen, not the forward: the backward's outputs then depend on its own path only.
+        grads = torch.ops.fourbit.lora_4bit_backward(dy, W, *args, A, B, 0.5, x, torch.mm(x, A.t()), False,
                                                      [True, False, True, True])
         paths[m] = [fwd, last()["lora_backward"]]
+        y_dense, dx_dense = dense(x, dy)
+        is_dense[m] = [torch.equal(y, y_dense), torch.equal(grads[0], dx_dense)]
         out.append(bits(y) + bits(xa) + bits(grads[0]) + bits(grads[2]) + bits(grads[3]))
     info = json.loads(torch.ops.fourbit.cpu_matmul_info())
-    print(json.dumps({"out": out, "paths": paths, "info": info}))
+    print(json.dumps({"out": out, "paths": paths, "is_dense": is_dense, "info": info}))
 """)
 
 
@@ -242,8 +254,9 @@ def test_lora_op_measures_caches_and_a_second_process_repeats_it(tmp_path):
     assert sorted(entries) == sorted(key + f"{d}/bfloat16/m{mc}/n512/k1024"
                                      for d in ("fwd", "grad") for mc in (4, 64, 512))
     for m, mc in ((3, 4), (64, 64), (300, 512)):
-        assert first["paths"][str(m)] == [entries[key + f"fwd/bfloat16/m{mc}/n512/k1024"],
-                                          entries[key + f"grad/bfloat16/m{mc}/n512/k1024"]], m
+        want = [entries[key + f"fwd/bfloat16/m{mc}/n512/k1024"], entries[key + f"grad/bfloat16/m{mc}/n512/k1024"]]
+        assert first["paths"][str(m)] == want, m
+        assert first["is_dense"][str(m)] == [p == "blas" for p in want], m
     second = lora_run(tmp_path)
     assert second["info"]["measurements"] == 0
     assert second["paths"] == first["paths"]
@@ -251,9 +264,10 @@ def test_lora_op_measures_caches_and_a_second_process_repeats_it(tmp_path):
 
 
 def test_lora_op_obeys_a_flipped_cache_and_computes_that_path(tmp_path):
-    """Flip every cached choice: the LoRA op takes the flipped path in each direction and
-    its outputs are bit for bit those of the forced path (which differ between the two
-    paths, so the comparison can tell them apart)."""
+    """Flip every cached choice: the LoRA op takes the flipped path in each direction: its
+    Y and dX are bit for bit ATen's products on the dequantized weight exactly where the
+    entry says blas, and all its outputs are bit for bit those of that path forced (which
+    differ between the two paths, so the comparison can tell them apart)."""
     lora_run(tmp_path)
     path = cache_file(tmp_path)
     entries = json.loads(path.read_text())["entries"]
@@ -267,6 +281,9 @@ def test_lora_op_obeys_a_flipped_cache_and_computes_that_path(tmp_path):
     for i, (m, mc) in enumerate(((3, 4), (64, 64), (300, 512))):
         fwd, grad = flipped[key + f"fwd/bfloat16/m{mc}/n512/k1024"], flipped[key + f"grad/bfloat16/m{mc}/n512/k1024"]
         assert got["paths"][str(m)] == [fwd, grad], m
+        assert got["is_dense"][str(m)] == [fwd == "blas", grad == "blas"], m
+        for mode in ("fused", "blas"):
+            assert forced[mode]["is_dense"][str(m)] == [mode == "blas"] * 2, (mode, m)
         # Y, XA follow the forward's path; dX, dA, dB the backward's.
         assert got["out"][i][:4] == forced[fwd]["out"][i][:4], m
         assert got["out"][i][4:] == forced[grad]["out"][i][4:], m

@@ -435,6 +435,24 @@ def test_cpu_forced_path_matches_reference(monkeypatch, dtype, mode):
         assert torch.equal(only[2], full[2]) and torch.equal(only[3], full[3]), (M, N, K)
 
 
+@pytest.mark.parametrize("mode", ("fused", "blas"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_cpu_forced_path_is_the_path_computed(monkeypatch, dtype, mode):
+    """Not only the reported path: Y and dX equal, bit for bit, ATen's products on the
+    dequantized weight (the blas path's calls, replayed) exactly when the mode is blas."""
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", mode)
+    M, N, K, r, s = 64, 256, 512, 8, 0.5
+    q, qs, _ = quantized_weight(N, K)
+    w = F.dequantize_4bit(q, qs).to(dtype)
+    X, A, B, dY = (torch.randn(*shape).to(dtype) for shape in ((M, K), (r, K), (N, r), (M, N)))
+    Y, XA = lora_op(X, q, qs, A, B, s)
+    dX = lora_backward_op(dY, q, qs, A, B, s, X, XA, False, [True, False, False, False])[0]
+    Y_dense = torch.mm(X, w.t()).addmm_(torch.mm(X, A.t()), B.t(), alpha=s)
+    G = torch.addmm(torch.empty(M, r, dtype=dtype), dY, B, beta=0, alpha=s)
+    dX_dense = torch.mm(dY, w).addmm_(G, A)
+    assert (torch.equal(Y, Y_dense), torch.equal(dX, dX_dense)) == (mode == "blas",) * 2
+
+
 CUDA_SHAPES = SHAPES + [(1500, 256, 384, 16, 64)]
 
 
