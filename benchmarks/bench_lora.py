@@ -110,10 +110,9 @@ class UnfusedLora(torch.nn.Module):
 
     def forward(self, x):
         f = self.fused
-        x, _, args, bias = f.base_layer._gemm_inputs(x)  # x: [M, K] in the bench
+        x, _, weight, args, bias = f.base_layer._gemm_inputs(x)  # x: [M, K] in the bench
         absmax, nested_absmax, nested_code, offset, *config = args
-        y = torch.ops.fourbit.gemm_4bit(x, f.base_layer.weight.data, absmax, nested_absmax, nested_code, offset,
-                                        bias, *config)
+        y = torch.ops.fourbit.gemm_4bit(x, weight, absmax, nested_absmax, nested_code, offset, bias, *config)
         xa = torch.nn.functional.linear(x, f.lora_A.weight)
         return torch.addmm(y, xa, f.lora_B.weight.t(), alpha=f.scaling)
 
