@@ -22,6 +22,9 @@ Y.backward(dY) giving dX, dA and dB (X requires grad, as inside a network).
 Timing (benchmarks/bench_quant.py's Timer): CUDA: median of triton.testing.do_bench (L2
 flushed before each call) or of a CUDA-event loop; CPU: median of time.perf_counter over
 --reps calls after warm-up. Ratios are time / bf16+peft time (< 1: faster).
+On the CPU the table's last column is the path fourbit's fused op took, forward /
+backward (``fused`` or ``blas``: the 4-bit matmul dispatch, FOURBIT_CPU_MATMUL,
+docs/kernels.md "CPU dispatch"); the warm-up call makes any first-use measurement.
 
 Correctness guard (outside the timing): the fourbit forward is compared with the float32
 product of the dequantized weight plus the adapter; a relative error (max-norm) above
@@ -43,6 +46,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -106,10 +110,9 @@ class UnfusedLora(torch.nn.Module):
 
     def forward(self, x):
         f = self.fused
-        x, _, args, bias = f.base_layer._gemm_inputs(x)  # x: [M, K] in the bench
+        x, _, weight, args, bias = f.base_layer._gemm_inputs(x)  # x: [M, K] in the bench
         absmax, nested_absmax, nested_code, offset, *config = args
-        y = torch.ops.fourbit.gemm_4bit(x, f.base_layer.weight.data, absmax, nested_absmax, nested_code, offset,
-                                        bias, *config)
+        y = torch.ops.fourbit.gemm_4bit(x, weight, absmax, nested_absmax, nested_code, offset, bias, *config)
         xa = torch.nn.functional.linear(x, f.lora_A.weight)
         return torch.addmm(y, xa, f.lora_B.weight.t(), alpha=f.scaling)
 
@@ -192,6 +195,11 @@ def bench_row(name, N, K, M, args, device, timer, bnb) -> dict:
         try:
             median, _ = timer([training_step(layer, X, dY)])
             row["ms"][label] = median * 1e3
+            if label == "fourbit" and device.type == "cpu":
+                # The path the fused op's base product took (src/torch/cpu_dispatch.h);
+                # "-" from a build that does not report it.
+                last = json.loads(torch.ops.fourbit.cpu_matmul_info())["last"]
+                row["fourbit_path"] = f"{last.get('lora_forward', '-')}/{last.get('lora_backward', '-')}"
         except Exception as e:  # a library without a kernel for this case: record, go on
             print(f"{label} failed on {name} M={M}: {type(e).__name__}: {e}", file=sys.stderr)
             row["ms"][label] = None
@@ -203,9 +211,10 @@ def bench_row(name, N, K, M, args, device, timer, bnb) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     labels = ["fourbit", "fourbit-unfused", "bnb+peft", "bf16+peft"]
+    paths = any("fourbit_path" in r for r in rows)
     head = ("| weight | M | " + " | ".join(f"{k} ms" for k in labels)
-            + " | fourbit / bf16+peft | bnb+peft / bf16+peft |")
-    lines = [head, "|" + "---|" * (2 + len(labels) + 2)]
+            + " | fourbit / bf16+peft | bnb+peft / bf16+peft |" + (" fourbit path (fwd/bwd) |" if paths else ""))
+    lines = [head, "|" + "---|" * (2 + len(labels) + 2 + paths)]
 
     def f(x: Optional[float], spec=".3f") -> str:
         return "-" if x is None else format(x, spec)
@@ -214,7 +223,8 @@ def markdown(rows: list[dict]) -> str:
         cells = [f(r["ms"].get(k)) for k in labels]
         lines.append(f"| {r['shape']} {r['N']}x{r['K']} | {r['M']} | " + " | ".join(cells)
                      + f" | {f(r['ratio_vs_bf16_peft'].get('fourbit'), '.2f')} | "
-                     f"{f(r['ratio_vs_bf16_peft'].get('bnb+peft'), '.2f')} |")
+                     f"{f(r['ratio_vs_bf16_peft'].get('bnb+peft'), '.2f')} |"
+                     + (f" {r.get('fourbit_path', '-')} |" if paths else ""))
     return "\n".join(lines)
 
 

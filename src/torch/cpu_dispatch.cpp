@@ -18,6 +18,9 @@
 //       kCpuBlasMinRowsAmx).
 //   fused / blas: always that path (bf16 and fp32; fp16 is fused in every mode).
 //
+// The LoRA op (lora_ops.cpp) asks for its base product under the same shape classes, so a
+// LoRA layer and a plain 4-bit linear of one shape share one measurement and one entry.
+//
 // Reproducibility: the two paths round differently, so a training run resumed in another
 // process must make the choices the first process made. Every measured choice is written
 // to $XDG_CACHE_HOME/fourbit/cpu_matmul.json (default ~/.cache/...), keyed by machine key
@@ -227,7 +230,10 @@ struct Choice {
 struct State {
   std::mutex mu;
   std::map<std::string, Choice> choices;  // machine key || shape class -> this process's choice
+  // The path of the last call of each op: gemm_4bit, gemm_4bit_grad_input, lora_4bit,
+  // lora_4bit_backward.
   std::string last_forward = "none", last_grad_input = "none";
+  std::string last_lora_forward = "none", last_lora_backward = "none";
   int64_t measurements = 0;
   bool warned_write = false;
 };
@@ -333,6 +339,19 @@ std::pair<double, double> best_seconds(const std::function<void()>& a,
   return {best_a, best_b};
 }
 
+// Which op asked (the "last" entries of cpu_matmul_info).
+enum class Caller { Gemm, GemmGradInput, LoraForward, LoraBackward };
+
+std::string& last_slot(State& st, Caller caller) {
+  switch (caller) {
+    case Caller::Gemm: return st.last_forward;
+    case Caller::GemmGradInput: return st.last_grad_input;
+    case Caller::LoraForward: return st.last_lora_forward;
+    case Caller::LoraBackward: return st.last_lora_backward;
+  }
+  return st.last_forward;
+}
+
 struct ShapeClass {
   bool forward;
   DType dtype;
@@ -411,7 +430,7 @@ void log_choice(const std::string& key, const Choice& ch) {
   std::fputs(os.str().c_str(), stderr);
 }
 
-bool choose(const ShapeClass& c, const Weight4bit& weight) {
+bool choose(const ShapeClass& c, const Weight4bit& weight, Caller caller) {
   run_core([] { (void)cpu_isa(); });  // a bad FOURBIT_DISABLE_AMX is a ValueError here
   const Mode mode = read_mode();
   const bool log = read_log();
@@ -455,7 +474,7 @@ bool choose(const ShapeClass& c, const Weight4bit& weight) {
     blas = it->second.blas;
   }
   std::lock_guard<std::mutex> lock(st.mu);
-  (c.forward ? st.last_forward : st.last_grad_input) = blas ? "blas" : "fused";
+  last_slot(st, caller) = blas ? "blas" : "fused";
   return blas;
 }
 
@@ -463,14 +482,37 @@ bool choose(const ShapeClass& c, const Weight4bit& weight) {
 
 bool cpu_forward_uses_blas(const ForwardCall& call) {
   const Gemm4bitParams& p = call.params;
-  return choose({true, p.dtype, call.x.scalar_type(), p.M, p.weight.N, p.weight.K}, p.weight);
+  return choose({true, p.dtype, call.x.scalar_type(), p.M, p.weight.N, p.weight.K}, p.weight,
+                Caller::Gemm);
 }
 
 bool cpu_grad_input_uses_blas(const GradInputCall& call) {
   const Gemm4bitGradInputParams& p = call.params;
   // The input gradient's probe slices the weight's rows too: its output width is K.
   return choose({false, p.dtype, call.grad_output.scalar_type(), p.M, p.weight.N, p.weight.K},
-                p.weight);
+                p.weight, Caller::GemmGradInput);
+}
+
+bool cpu_lora_forward_uses_blas(DType dtype, at::ScalarType scalar, int64_t M,
+                                const Weight4bit& weight) {
+  return choose({true, dtype, scalar, M, weight.N, weight.K}, weight, Caller::LoraForward);
+}
+
+bool cpu_lora_backward_uses_blas(DType dtype, at::ScalarType scalar, int64_t M,
+                                 const Weight4bit& weight) {
+  return choose({false, dtype, scalar, M, weight.N, weight.K}, weight, Caller::LoraBackward);
+}
+
+bool cpu_lora_backward_without_base_uses_blas(DType dtype, int64_t M) {
+  run_core([] { (void)cpu_isa(); });  // a bad FOURBIT_DISABLE_AMX is a ValueError here
+  const Mode mode = read_mode();
+  const bool blas = dtype != DType::Float16 &&
+                    (mode == Mode::Fused || mode == Mode::Blas ? mode == Mode::Blas
+                                                               : static_rule(M, dtype));
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  st.last_lora_backward = blas ? "blas" : "fused";
+  return blas;
 }
 
 std::string cpu_matmul_info_json() {
@@ -486,7 +528,9 @@ std::string cpu_matmul_info_json() {
      << ", \"static_blas_min_rows\": " << static_min_rows(DType::BFloat16)
      << ", \"auto_blas_min_rows\": " << kCpuBlasMinRows << ", \"measurements\": " << st.measurements
      << ", \"last\": {\"forward\": " << json_string(st.last_forward)
-     << ", \"grad_input\": " << json_string(st.last_grad_input) << "}, \"choices\": {";
+     << ", \"grad_input\": " << json_string(st.last_grad_input)
+     << ", \"lora_forward\": " << json_string(st.last_lora_forward)
+     << ", \"lora_backward\": " << json_string(st.last_lora_backward) << "}, \"choices\": {";
   bool first = true;
   for (const auto& [key, ch] : st.choices) {
     const std::string cls = key.substr(key.find("||") + 2);

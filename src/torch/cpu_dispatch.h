@@ -19,6 +19,18 @@ namespace binding {
 bool cpu_forward_uses_blas(const ForwardCall& call);
 bool cpu_grad_input_uses_blas(const GradInputCall& call);
 
+// The LoRA op's base product (lora_ops.cpp) is the same 4-bit matmul, so it takes the same
+// choice: the same modes, shape classes ("fwd/..." for Y = X deq(W)^T, "grad/..." for
+// dX = dY deq(W)), measurement and cache entries as gemm_4bit / gemm_4bit_grad_input of
+// that shape. The whole op follows it (blas: lora_forward_dense / lora_backward_dense).
+// `scalar` is the activation's dtype; M, N, K > 0.
+bool cpu_lora_forward_uses_blas(DType dtype, at::ScalarType scalar, int64_t M, const Weight4bit& weight);
+bool cpu_lora_backward_uses_blas(DType dtype, at::ScalarType scalar, int64_t M, const Weight4bit& weight);
+// A LoRA backward with no base product to choose for (dX not wanted, or an empty
+// dimension): the fixed rule (static mode's, or the forced path), never a measurement, so
+// every process takes the same path for the adapter gradients.
+bool cpu_lora_backward_without_base_uses_blas(DType dtype, int64_t M);
+
 // The dispatch state as JSON (ISA class, CPU model, threads, mode, cache file, the choices
 // this process made with their source and timings, the path of the last call of each op):
 // torch.ops.fourbit.cpu_matmul_info().

@@ -169,10 +169,6 @@ void gemm_grad_input_dense(const GradInputCall& call, const at::Tensor& w) {
   at::mm_out(dx, call.grad_output.view({M, call.params.weight.N}), w);
 }
 
-bool cpu_prefers_blas(int64_t M, DType dtype) {
-  return M >= kCpuBlasMinRows && dtype != DType::Float16;
-}
-
 Dequantize4bitParams whole_weight_dequantize(const Weight4bit& w, DType dtype, void* out) {
   Dequantize4bitParams d;
   d.packed = w.packed;

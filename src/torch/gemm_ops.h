@@ -73,10 +73,9 @@ enum class GemmAlgo { Auto, Gemv, TensorCore, CudaCore, DequantBlas, Fused, Fuse
 GemmAlgo parse_gemm_algo(const std::string& name);
 
 // The CPU's large-M path: from kCpuBlasMinRows rows, bf16/fp32 products run as a
-// dequantize into this thread's reused workspace + ATen's matmul (oneDNN). cpu_prefers_blas
-// is the LoRA op's fixed rule; the gemm ops choose per CPU and shape (cpu_dispatch.h).
+// dequantize into this thread's reused workspace + ATen's matmul (oneDNN). Below it the
+// gemm and LoRA ops choose per CPU and shape class (cpu_dispatch.h).
 constexpr int64_t kCpuBlasMinRows = 1024;
-bool cpu_prefers_blas(int64_t M, DType dtype);
 // The large-M products on the dequantized weight `w` ([N, K], the activation dtype), by
 // ATen's matmul on either device (cuBLAS / oneDNN): Y = X w^T (+ bias) and dX = dY w.
 void gemm_forward_dense(const ForwardCall& call, const at::Tensor& w);

@@ -13,14 +13,17 @@
 // X_lora and XA have X's dtype and device; 1 <= r <= fourbit::kLoraMaxRank. Autograd and
 // fake kernels: python/fourbit/_ops.py. The math: include/fourbit/lora.h.
 //
-// CPU choice: bf16/fp32 with M >= kCpuBlasMinRows -> lora_forward_dense /
-// lora_backward_dense on the weight dequantized into the thread's workspace (the large-M
-// rule of gemm_4bit, gemm_ops.cpp); otherwise the core's fused kernels (src/lora_4bit.cpp).
+// CPU choice: the base product's, as gemm_4bit's (cpu_dispatch.h: FOURBIT_CPU_MATMUL, per
+// CPU and shape class, measured once and cached; fp16 always fused). blas ->
+// lora_forward_dense / lora_backward_dense on the weight dequantized into the thread's
+// workspace; fused -> the core's fused kernels (src/lora_4bit.cpp). A backward without a
+// base product (dX not wanted) takes the fixed rule's path.
 #include "lora_ops.h"
 
 #include <cmath>
 
 #include "checks.h"
+#include "cpu_dispatch.h"
 
 TORCH_LIBRARY_FRAGMENT(fourbit, m) {
   m.def("lora_4bit(Tensor X, Tensor W, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code,"
@@ -222,13 +225,15 @@ struct NoGuard {
   explicit NoGuard(const at::Tensor&) {}
 };
 
-// Large M (bf16/fp32): the dense path on the weight dequantized into this thread's
-// workspace, as gemm_4bit does on the CPU; otherwise the core's fused kernels.
+// The dense path on the weight dequantized into this thread's workspace, as gemm_4bit's
+// blas path, or the core's fused kernels: the base product's choice (cpu_dispatch.h).
 void cpu_forward(const fourbit::binding::LoraForwardCall& call) {
   const fourbit::Lora4bitForwardParams& p = call.params;
-  if (fourbit::binding::cpu_prefers_blas(p.M, p.dtype)) {
+  const at::ScalarType scalar = call.x.scalar_type();
+  if (p.M > 0 && p.weight.N > 0 && p.weight.K > 0 &&
+      fourbit::binding::cpu_lora_forward_uses_blas(p.dtype, scalar, p.M, p.weight)) {
     fourbit::binding::lora_forward_dense(call, [&] {
-      return fourbit::binding::dequantized_weight_cpu(p.weight, p.dtype, call.x.scalar_type());
+      return fourbit::binding::dequantized_weight_cpu(p.weight, p.dtype, scalar);
     });
     return;
   }
@@ -237,9 +242,14 @@ void cpu_forward(const fourbit::binding::LoraForwardCall& call) {
 
 void cpu_backward(const fourbit::binding::LoraBackwardCall& call) {
   const fourbit::Lora4bitBackwardParams& p = call.params;
-  if (fourbit::binding::cpu_prefers_blas(p.M, p.dtype)) {
+  const at::ScalarType scalar = call.grad_output.scalar_type();
+  const bool base_product = p.grad_input != nullptr && p.M > 0 && p.weight.N > 0 && p.weight.K > 0;
+  const bool blas =
+      base_product ? fourbit::binding::cpu_lora_backward_uses_blas(p.dtype, scalar, p.M, p.weight)
+                   : fourbit::binding::cpu_lora_backward_without_base_uses_blas(p.dtype, p.M);
+  if (blas) {
     fourbit::binding::lora_backward_dense(call, [&] {
-      return fourbit::binding::dequantized_weight_cpu(p.weight, p.dtype, call.grad_output.scalar_type());
+      return fourbit::binding::dequantized_weight_cpu(p.weight, p.dtype, scalar);
     });
     return;
   }

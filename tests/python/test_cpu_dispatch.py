@@ -55,7 +55,7 @@ def test_override_forces_the_path_and_both_agree(monkeypatch, mode, dtype):
     y = fourbit.matmul_4bit(x, q.t(), qs)
     (dx,) = torch.autograd.grad(y.float().sum(), x)
     last = info()["last"]
-    assert last == {"forward": mode, "grad_input": mode}
+    assert (last["forward"], last["grad_input"]) == (mode, mode)
     w = F.dequantize_4bit(q, qs).to(dtype)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y, x.detach() @ w.t(), **tol)
@@ -91,7 +91,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def run(tmp_path, script=SCRIPT, **env):
-    e = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), FOURBIT_CPU_MATMUL="auto", **env)
+    e = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), FOURBIT_CPU_MATMUL="auto")
+    e.update(env)
     r = subprocess.run([sys.executable, "-c", script], env=e, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
@@ -191,3 +192,98 @@ def test_fp16_is_fused_in_every_mode(monkeypatch, mode):
     q, qs = weight(64, 128, dtype=torch.float16)
     fourbit.matmul_4bit(torch.randn(2048, 128, dtype=torch.float16), q.t(), qs)
     assert info()["last"]["forward"] == "fused"
+
+
+# The LoRA op's base product takes the gemm ops' choice (src/torch/cpu_dispatch.h): the same
+# shape classes, measurements and cache entries. Per M: the op's outputs as int16 sums (bit
+# patterns) and the path each direction took.
+LORA_SCRIPT = textwrap.dedent("""
+    import json, torch, fourbit.functional as F
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    w = torch.randn(512, 1024, dtype=torch.bfloat16) * 0.02
+    q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    W, *args = F._weight_args(q, qs)
+    A = torch.randn(16, 1024, dtype=torch.bfloat16) / 32
+    B = torch.randn(512, 16, dtype=torch.bfloat16)
+
+    def bits(t):
+        return [t.view(torch.int16).sum().item(), t.view(torch.int16).square().sum().item()]
+
+    def last():
+        return json.loads(torch.ops.fourbit.cpu_matmul_info())["last"]
+
+    # The blas path's products, replayed with ATen's ops on the dequantized weight: the op's
+    # Y (dX) equals this bit for bit exactly when its forward (backward) took blas.
+    wd = F.dequantize_4bit(q, qs)
+
+    def dense(x, dy):
+        y = torch.mm(x, wd.t()).addmm_(torch.mm(x, A.t()), B.t(), alpha=0.5)
+        g = torch.addmm(torch.empty(x.shape[0], 16, dtype=x.dtype), dy, B, beta=0, alpha=0.5)
+        return y, torch.mm(dy, wd).addmm_(g, A)
+
+    out, paths, is_dense = [], {}, {}
+    for m in (3, 64, 300):
+        x = torch.randn(m, 1024, dtype=torch.bfloat16)
+        y, xa = torch.ops.fourbit.lora_4bit(x, W, *args[:4], None, *args[4:], A, B, 0.5, None)  # no bias
+        fwd = last()["lora_forward"]
+        dy = torch.randn(m, 512, dtype=torch.bfloat16)
+        # XA from ATen, not the forward: the backward's outputs then depend on its own path only.
+        grads = torch.ops.fourbit.lora_4bit_backward(dy, W, *args, A, B, 0.5, x, torch.mm(x, A.t()), False,
+                                                     [True, False, True, True])
+        paths[m] = [fwd, last()["lora_backward"]]
+        y_dense, dx_dense = dense(x, dy)
+        is_dense[m] = [torch.equal(y, y_dense), torch.equal(grads[0], dx_dense)]
+        out.append(bits(y) + bits(xa) + bits(grads[0]) + bits(grads[2]) + bits(grads[3]))
+    info = json.loads(torch.ops.fourbit.cpu_matmul_info())
+    print(json.dumps({"out": out, "paths": paths, "is_dense": is_dense, "info": info}))
+""")
+
+
+def lora_run(tmp_path, **env):
+    return run(tmp_path, LORA_SCRIPT, **env)[0]
+
+
+def test_lora_op_measures_caches_and_a_second_process_repeats_it(tmp_path):
+    first = lora_run(tmp_path)
+    # The base products' shape classes: 3 M classes x (forward, input gradient), each
+    # measured once and written as the gemm ops' entries.
+    assert first["info"]["measurements"] == 6
+    entries = json.loads(cache_file(tmp_path).read_text())["entries"]
+    key = first["info"]["machine_key"] + "||"
+    assert sorted(entries) == sorted(key + f"{d}/bfloat16/m{mc}/n512/k1024"
+                                     for d in ("fwd", "grad") for mc in (4, 64, 512))
+    for m, mc in ((3, 4), (64, 64), (300, 512)):
+        want = [entries[key + f"fwd/bfloat16/m{mc}/n512/k1024"], entries[key + f"grad/bfloat16/m{mc}/n512/k1024"]]
+        assert first["paths"][str(m)] == want, m
+        assert first["is_dense"][str(m)] == [p == "blas" for p in want], m
+    second = lora_run(tmp_path)
+    assert second["info"]["measurements"] == 0
+    assert second["paths"] == first["paths"]
+    assert second["out"] == first["out"]  # bit-identical Y, XA, dX, dA, dB
+
+
+def test_lora_op_obeys_a_flipped_cache_and_computes_that_path(tmp_path):
+    """Flip every cached choice: the LoRA op takes the flipped path in each direction: its
+    Y and dX are bit for bit ATen's products on the dequantized weight exactly where the
+    entry says blas, and all its outputs are bit for bit those of that path forced (which
+    differ between the two paths, so the comparison can tell them apart)."""
+    lora_run(tmp_path)
+    path = cache_file(tmp_path)
+    entries = json.loads(path.read_text())["entries"]
+    flipped = {k: ("fused" if v == "blas" else "blas") for k, v in entries.items()}
+    path.write_text(json.dumps({"version": 1, "entries": flipped}))
+    got = lora_run(tmp_path)
+    assert got["info"]["measurements"] == 0
+    forced = {mode: lora_run(tmp_path / mode, FOURBIT_CPU_MATMUL=mode) for mode in ("fused", "blas")}
+    assert forced["fused"]["out"] != forced["blas"]["out"]
+    key = got["info"]["machine_key"] + "||"
+    for i, (m, mc) in enumerate(((3, 4), (64, 64), (300, 512))):
+        fwd, grad = flipped[key + f"fwd/bfloat16/m{mc}/n512/k1024"], flipped[key + f"grad/bfloat16/m{mc}/n512/k1024"]
+        assert got["paths"][str(m)] == [fwd, grad], m
+        assert got["is_dense"][str(m)] == [fwd == "blas", grad == "blas"], m
+        for mode in ("fused", "blas"):
+            assert forced[mode]["is_dense"][str(m)] == [mode == "blas"] * 2, (mode, m)
+        # Y, XA follow the forward's path; dX, dA, dB the backward's.
+        assert got["out"][i][:4] == forced[fwd]["out"][i][:4], m
+        assert got["out"][i][4:] == forced[grad]["out"][i][4:], m

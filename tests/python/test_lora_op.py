@@ -20,6 +20,7 @@ bound stays far below the error of one wrong index or one missing term at these 
 """
 
 import copy
+import json
 import math
 
 import pytest
@@ -400,6 +401,56 @@ def test_cpu_large_m_matches_reference(dtype):
         q, qs, Wd = quantized_weight(96, 128, "nf4", i == 0, 64)
         inp = make_inputs(1024, 96, 128, 8, dtype, separate=separate)
         check_forward_and_backward(q, qs, Wd, inp, 0.5 + i, dtype, cuda=dense)
+
+
+@pytest.mark.parametrize("mode", ("fused", "blas"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_forced_path_matches_reference(monkeypatch, dtype, mode):
+    """FOURBIT_CPU_MATMUL=fused / blas force the LoRA op's path at every M (the base
+    product's dispatch, src/torch/cpu_dispatch.h), forward and backward (with and without
+    dX, with and without a separate X_lora), and both agree with the reference: fused
+    within the core's bound, blas within the dense path's (CUDA's: Y and G rounded to the
+    io dtype once more). fp16 stays fused in both modes."""
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", mode)
+    path = "fused" if dtype == torch.float16 else mode
+
+    def last():
+        return json.loads(torch.ops.fourbit.cpu_matmul_info())["last"]
+
+    for i, (M, N, K, r, blocksize) in enumerate(SHAPES):
+        if M == 0:
+            continue
+        q, qs, Wd = quantized_weight(N, K, "nf4", i % 2 == 0, blocksize)
+        inp = make_inputs(M, N, K, r, dtype, separate=i % 2 == 1)
+        check_forward_and_backward(q, qs, Wd, inp, 0.5 + i, dtype, cuda=path == "blas")
+        assert (last()["lora_forward"], last()["lora_backward"]) == (path, path), (M, N, K)
+        # Only the adapter gradients (no base product): the forced path still, and the
+        # same dA, dB as with dX.
+        X, A, B = inp["X"], inp["A"], inp["B"]
+        _, XA = lora_op(X, q, qs, A, B, 0.5)
+        dY = torch.randn(M, N).to(dtype)
+        full = lora_backward_op(dY, q, qs, A, B, 0.5, X, XA, False, [True, False, True, True])
+        only = lora_backward_op(dY, q, qs, A, B, 0.5, X, XA, False, [False, False, True, True])
+        assert last()["lora_backward"] == path
+        assert torch.equal(only[2], full[2]) and torch.equal(only[3], full[3]), (M, N, K)
+
+
+@pytest.mark.parametrize("mode", ("fused", "blas"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_cpu_forced_path_is_the_path_computed(monkeypatch, dtype, mode):
+    """Not only the reported path: Y and dX equal, bit for bit, ATen's products on the
+    dequantized weight (the blas path's calls, replayed) exactly when the mode is blas."""
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", mode)
+    M, N, K, r, s = 64, 256, 512, 8, 0.5
+    q, qs, _ = quantized_weight(N, K)
+    w = F.dequantize_4bit(q, qs).to(dtype)
+    X, A, B, dY = (torch.randn(*shape).to(dtype) for shape in ((M, K), (r, K), (N, r), (M, N)))
+    Y, XA = lora_op(X, q, qs, A, B, s)
+    dX = lora_backward_op(dY, q, qs, A, B, s, X, XA, False, [True, False, False, False])[0]
+    Y_dense = torch.mm(X, w.t()).addmm_(torch.mm(X, A.t()), B.t(), alpha=s)
+    G = torch.addmm(torch.empty(M, r, dtype=dtype), dY, B, beta=0, alpha=s)
+    dX_dense = torch.mm(dY, w).addmm_(G, A)
+    assert (torch.equal(Y, Y_dense), torch.equal(dX, dX_dense)) == (mode == "blas",) * 2
 
 
 CUDA_SHAPES = SHAPES + [(1500, 256, 384, 16, 64)]
