@@ -30,6 +30,7 @@ SASS = """\
         /*0570*/                   CALL.REL.NOINC `($__internal_1_$__cuda_sm3x_div_rn_noftz_f32_slowpath) ;
 .text._Z3barv:
         /*0010*/                   HMMA.16816.F32 R8, R4, R12, R8 ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, R88, gdesc[UR4], R24, gsb0 ;
 """
 
 PTX = """\
@@ -53,10 +54,10 @@ def test_parse_ptxas_reads_registers_smem_stack_and_spills():
     assert info[("_Z3barv", "sm_90a")] == dict(regs=32, smem=0, stack=0, spill_st=0, spill_ld=0)
 
 
-def test_parse_sass_counts_64bit_division_calls_ldsm_and_hmma():
+def test_parse_sass_counts_64bit_division_calls_ldsm_hmma_and_hgmma():
     sass = lint.parse_sass(SASS)
-    assert sass["_Z3fooPf"] == dict(ldsm=1, hmma=1, div64=1)  # the f32 slow path is not integer
-    assert sass["_Z3barv"] == dict(ldsm=0, hmma=1, div64=0)
+    assert sass["_Z3fooPf"] == dict(ldsm=1, hmma=1, hgmma=0, div64=1)  # the f32 slow path is not integer
+    assert sass["_Z3barv"] == dict(ldsm=0, hmma=1, hgmma=1, div64=0)  # HGMMA is not counted as HMMA
 
 
 def test_parse_ptx_takes_the_cta_size_from_launch_bounds():
@@ -86,9 +87,9 @@ def test_write_docs_replaces_only_the_marked_table(tmp_path, monkeypatch):
     doc.write_text(f"intro\n{lint.BEGIN}\nold table\n{lint.END}\noutro\n")
     monkeypatch.setattr(lint, "DOCS", doc)
     row = dict(file="a.cu", name="k<float>", arch="sm_80", threads=256, regs=32, smem=64, stack=0,
-               spill_st=0, spill_ld=0, ldsm=0, hmma=0, ctas=8, floor=4)
+               spill_st=0, spill_ld=0, ldsm=0, hmma=0, hgmma=2, ctas=8, floor=4)
     lint.write_docs([row])
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n")
     assert "old table" not in text
-    assert "| a.cu | `k<float>` | sm_80 | 256 | 32 | 64 | 0 / 0 | 0 | 0 | 8 (4) |" in text
+    assert "| a.cu | `k<float>` | sm_80 | 256 | 32 | 64 | 0 / 0 | 0 | 0 | 2 | 8 (4) |" in text
