@@ -148,18 +148,6 @@ __device__ __forceinline__ void load_stage(const FusedArgs<T>& args, int64_t m0,
   }
 }
 
-// The block scale of (row n, scale block kb) read from the stage's scale row.
-template <typename T, bool kNested>
-__device__ __forceinline__ float stage_scale(const FusedArgs<T>& args, const unsigned char* s_row,
-                                             int n_local, int64_t n, int64_t kb,
-                                             const float* nested_code, float offset) {
-  if (n >= args.N) return 0.0f;
-  if constexpr (!kNested) return reinterpret_cast<const float*>(s_row)[n_local];
-  const int64_t block = n * args.blocks_per_row + kb;
-  return detail::nested_scale(nested_code[s_row[n_local]], __ldg(args.nested_absmax + (block >> args.nested_shift)),
-                              offset);
-}
-
 template <typename T, typename Tl, bool kNested>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     fused_4bit_kernel(FusedArgs<T> args, Codebook4bit code) {
@@ -231,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int n_local = wn * 32 + t * 16 + 8 * j + (lane >> 2);
-            sc[r][t][j] = stage_scale<T, kNested>(args, s_row, n_local, n0 + n_local, kb, nested_code, offset);
+            sc[r][t][j] = fragment_stage_scale<kNested>(args, s_row, n_local, n0 + n_local, kb, nested_code, offset);
           }
       }
       // This lane's codes: one 16-byte load per fragment tile (four k16 steps).
@@ -442,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int n_local = tn * 16 + 8 * j + (lane >> 2);
-            sc[r][j] = stage_scale<T, kNested>(args, s_row, n_local, nbase + n_local, kb, nested_code, offset);
+            sc[r][j] = fragment_stage_scale<kNested>(args, s_row, n_local, nbase + n_local, kb, nested_code, offset);
           }
         }
         uint32_t a[kMF][4];

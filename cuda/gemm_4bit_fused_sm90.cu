@@ -137,16 +137,6 @@ __device__ __forceinline__ void load_stage(const Sm90Args<T>& args, int64_t m0, 
   }
 }
 
-template <typename T, bool kNested>
-__device__ __forceinline__ float stage_scale(const Sm90Args<T>& args, const unsigned char* s_row, int n_local,
-                                             int64_t n, int64_t kb, const float* nested_code, float offset) {
-  if (n >= args.N) return 0.0f;
-  if constexpr (!kNested) return reinterpret_cast<const float*>(s_row)[n_local];
-  const int64_t block = n * args.blocks_per_row + kb;
-  return detail::nested_scale(nested_code[s_row[n_local]], __ldg(args.nested_absmax + (block >> args.nested_shift)),
-                              offset);
-}
-
 // One CTA: W rows [128 blockIdx.x, + 128) x X rows [128 rt, + 128) for rt = blockIdx.y, +
 // gridDim.y, ... One CTA per SM is the floor (84 KB of shared memory and 64 accumulators a
 // thread allow two); __launch_bounds__(.., 1) lets ptxas use up to 255 registers.
@@ -207,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int n_local = tile * 16 + 8 * j + (lane >> 2);
-          sc[r][j] = stage_scale<T, kNested>(args, s_row, n_local, n0 + n_local, kb, nested_code, offset);
+          sc[r][j] = fragment_stage_scale<kNested>(args, s_row, n_local, n0 + n_local, kb, nested_code, offset);
         }
       }
       // A for the stage's four k16 steps: register q = (n8 half q % 2, pair q / 2), the

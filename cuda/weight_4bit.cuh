@@ -7,6 +7,7 @@
 
 #include "common.cuh"
 #include "fourbit/codebook.h"
+#include "fourbit/detail/element_math.h"
 #include "fourbit/quantize.h"
 
 namespace fourbit {
@@ -41,6 +42,21 @@ using detail::nibble_of;
 
 inline bool aligned_to(const void* ptr, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// The block scale of weight row n, scale block kb, read from a pipeline stage's copy of the
+// fragment layout's transposed scales (fp32, or nested uint8 codes decoded here); 0 past the
+// last row. Shared by the sm80 and sm90 fused kernels (Args: their argument structs, which
+// both carry N, blocks_per_row, nested_absmax and nested_shift).
+template <bool kNested, typename Args>
+__device__ __forceinline__ float fragment_stage_scale(const Args& args, const unsigned char* s_row,
+                                                      int n_local, int64_t n, int64_t kb,
+                                                      const float* nested_code, float offset) {
+  if (n >= args.N) return 0.0f;
+  if constexpr (!kNested) return reinterpret_cast<const float*>(s_row)[n_local];
+  const int64_t block = n * args.blocks_per_row + kb;
+  return detail::nested_scale(nested_code[s_row[n_local]], __ldg(args.nested_absmax + (block >> args.nested_shift)),
+                              offset);
 }
 
 }  // namespace cuda

@@ -17,7 +17,6 @@ raise the same exception naming the key or the file, instead of hanging in a col
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Optional
 
@@ -28,7 +27,7 @@ from torch import nn
 from .. import functional as F
 from ..nn.linear import _QS_KEY_PREFIX, Linear4bit
 from .distributed import flat_layout
-from .shards import INDEX_FILE, check_shard_names
+from .shards import INDEX_FILE, read_weight_map
 
 _SINGLE_FILE = "model.safetensors"
 _PEFT_PREFIX = "base_model.model."
@@ -45,14 +44,7 @@ class _Reader:
         self.path = path
         index = os.path.join(path, INDEX_FILE)
         if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError("weight_map is not an object")
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
-            check_shard_names(path, weight_map)
+            weight_map = read_weight_map(path)
         elif os.path.isfile(os.path.join(path, _SINGLE_FILE)):
             weight_map = None
         elif not os.path.isdir(path):

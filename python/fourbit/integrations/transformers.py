@@ -59,7 +59,7 @@ from ..nn.convert import _set_submodule
 from ..nn.linear import _COMPUTE_DTYPES, _QS_KEY_PREFIX, Linear4bit
 from ..nn.lora import LoraLinear4bit
 from ..nn.params import Params4bit, _check_quant_storage
-from .shards import INDEX_FILE, check_shard_names
+from .shards import INDEX_FILE, read_weight_map
 
 __all__ = ["from_pretrained", "save_pretrained", "QuantOptions"]
 
@@ -192,15 +192,8 @@ class _Checkpoint:
         index = os.path.join(path, INDEX_FILE)
         single = os.path.join(path, _SINGLE_FILE)
         if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError("weight_map is not an object")
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+            weight_map = read_weight_map(path)
             files = sorted(set(weight_map.values()))
-            check_shard_names(path, weight_map)
         elif os.path.isfile(single):
             weight_map, files = None, [_SINGLE_FILE]
         else:
