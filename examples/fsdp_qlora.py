@@ -178,6 +178,7 @@ def main():
     set_optimizer_state_dict(model, opt, state["optim"])
     if rank == 0:
         print(f"saved and reloaded {args.out} (torch.distributed.checkpoint, {world} ranks)", flush=True)
+    dist.barrier()  # every rank past its last collective before any tears its group down
     dist.destroy_process_group()
 
 
