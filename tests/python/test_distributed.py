@@ -467,3 +467,13 @@ def _nccl_worker(rank, ws, tmp):
 def test_fsdp_nccl_one_gpu(tmp_path):
     """The CUDA path: a 1-rank NCCL group shards, gathers and steps (scripts/gpu_check.sh)."""
     spawn(_nccl_worker, 1, tmp_path, 120)
+
+
+def test_teardown_rerun_signature_is_narrow():
+    """The torchrun test reruns only a run that finished its work and then aborted in teardown."""
+    from subprocess import CompletedProcess
+    done, abort = "step 1: loss 6.2\nsaved and reloaded ckpt\n", "terminate called without an active exception\n"
+    assert _aborted_in_teardown(CompletedProcess([], 1, done, abort))
+    assert not _aborted_in_teardown(CompletedProcess([], 0, done, abort))  # passed: nothing to rerun
+    assert not _aborted_in_teardown(CompletedProcess([], 1, "step 1: loss 6.2\n", abort))  # died before the end
+    assert not _aborted_in_teardown(CompletedProcess([], 1, done, "RuntimeError: shape mismatch\n"))  # another error
