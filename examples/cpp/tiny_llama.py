@@ -31,7 +31,8 @@ def save(out_dir):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      tie_word_embeddings=True, max_position_embeddings=64)
+                                      tie_word_embeddings=True, max_position_embeddings=64,
+                                      initializer_range=0.2)
     model = transformers.LlamaForCausalLM(config).float()
     bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                  bnb_4bit_use_double_quant=True,

@@ -6,8 +6,9 @@
 // steps), and saves a PEFT adapter plus probe.safetensors (probe ids, base and tuned logits, the
 // losses), which `tiny_llama.py check` compares with transformers + PEFT.
 //
-//   train_llama_lora CHECKPOINT_DIR ADAPTER_DIR [STEPS] [TARGETS]
-// TARGETS: comma-separated projection names (default q_proj,v_proj) or all-linear.
+//   train_llama_lora CHECKPOINT_DIR ADAPTER_DIR [STEPS] [TARGETS] [LR]
+// TARGETS: comma-separated projection names (default q_proj,v_proj) or all-linear; LR: AdamW's
+// learning rate (default 1e-2).
 // Exits 1 if the loss does not fall to under half its first value.
 #include <torch/torch.h>
 
@@ -37,12 +38,13 @@ std::vector<std::string> split(const std::string& s) {
 
 int main(int argc, char** argv) try {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s CHECKPOINT_DIR ADAPTER_DIR [STEPS] [TARGETS]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s CHECKPOINT_DIR ADAPTER_DIR [STEPS] [TARGETS] [LR]\n", argv[0]);
     return 2;
   }
   const std::string checkpoint = argv[1], adapter_dir = argv[2];
   const int steps = argc > 3 ? std::atoi(argv[3]) : 40;
   const auto targets = split(argc > 4 ? argv[4] : "q_proj,v_proj");
+  const double lr = argc > 5 ? std::atof(argv[5]) : 1e-2;
   torch::manual_seed(0);
 
   auto t0 = std::chrono::steady_clock::now();
@@ -71,7 +73,7 @@ int main(int argc, char** argv) try {
   const auto ids = torch::stack(rows);
 
   auto params = model->add_lora(targets, fnn::LoraOptions(8).lora_alpha(16));
-  fourbit::optim::AdamW optimizer(params, fourbit::optim::AdamWOptions(1e-2).weight_decay(0.0));
+  fourbit::optim::AdamW optimizer(params, fourbit::optim::AdamWOptions(lr).weight_decay(0.0));
   std::vector<float> losses;
   model->train();
   t0 = std::chrono::steady_clock::now();
