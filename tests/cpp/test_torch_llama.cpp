@@ -198,6 +198,29 @@ TEST(LlamaConfigErrors, UnsupportedRopeScalingNamesFieldAndValue) {
   EXPECT_NO_THROW(fm::LlamaConfig::from_json(c.dump()));
 }
 
+TEST(LlamaConfigErrors, RopeThetaAndDefaultsAreRead) {
+  auto c = tiny_config();
+  c["rope_parameters"]["rope_theta"] = 500000.0;  // transformers 5's layout
+  EXPECT_EQ(fm::LlamaConfig::from_json(c.dump()).rope_theta, 500000.0);
+  c = tiny_config();
+  c.erase("rope_parameters");
+  c["rope_theta"] = 250000.0;  // transformers 4's layout
+  c["rope_scaling"] = nullptr;
+  c.erase("num_key_value_heads");
+  c.erase("head_dim");
+  const auto config = fm::LlamaConfig::from_json(c.dump());
+  EXPECT_EQ(config.rope_theta, 250000.0);
+  EXPECT_EQ(config.num_key_value_heads, 4);  // transformers' defaults: MHA, hidden / heads
+  EXPECT_EQ(config.head_dim, 16);
+  EXPECT_EQ(config.rms_norm_eps, 1e-5);
+  // The theta reaches the rotary embedding: position 1's angles are inv_freq = theta^(-2i/D).
+  fm::LlamaModel model(config, [](const std::string&) { return true; });
+  const auto [cos, sin] = model->rotary(2, torch::kCPU);
+  const double expected = std::pow(250000.0, -2.0 / 16.0);  // i = 1
+  EXPECT_NEAR(sin[1][1].item<double>(), std::sin(expected), 1e-7);
+  EXPECT_NEAR(sin[1][9].item<double>(), std::sin(expected), 1e-7);  // the second half repeats the first
+}
+
 TEST(LlamaConfigErrors, MissingAndBadFieldsAreNamed) {
   for (const char* field : {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                             "vocab_size", "rms_norm_eps"}) {
