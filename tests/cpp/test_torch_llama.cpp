@@ -166,6 +166,30 @@ TEST(LlamaTiny, AdapterRoundTripAndTrainingLowersLoss) {
   EXPECT_EQ(max_diff(model->forward(ids).logits, again->forward(ids).logits), 0.0);
 }
 
+TEST(LlamaTiny, ShardedCheckpointLoadsLikeTheSingleFile) {
+  // transformers' sharded layout: two shard files (layer 1 and lm_head in the second) + index.
+  const auto dir = temp_dir("sharded");
+  fs::copy_file(kTiny + "/config.json", dir / "config.json");
+  const auto all = fio::load_safetensors(kTiny + "/model.safetensors");
+  fio::TensorMap first, second;
+  json weight_map = json::object();
+  for (const auto& [key, t] : all) {
+    const bool late = key.rfind("model.layers.1.", 0) == 0 || key.rfind("lm_head", 0) == 0;
+    (late ? second : first)[key] = t;
+    weight_map[key] = late ? "model-00002-of-00002.safetensors" : "model-00001-of-00002.safetensors";
+  }
+  ASSERT_FALSE(first.empty());
+  ASSERT_FALSE(second.empty());
+  fio::save_safetensors((dir / "model-00001-of-00002.safetensors").string(), first);
+  fio::save_safetensors((dir / "model-00002-of-00002.safetensors").string(), second);
+  std::ofstream(dir / "model.safetensors.index.json") << json{{"metadata", json::object()}, {"weight_map", weight_map}}.dump();
+  const auto fx = load_fixture("llama_tiny.safetensors");
+  auto model = fm::load_llama_4bit(dir.string());
+  model->eval();
+  torch::NoGradGuard no_grad;
+  EXPECT_LE(max_diff(model->forward(entry(fx, "input_ids")).logits, entry(fx, "base_logits")), kLogitTol);
+}
+
 TEST(LlamaTiny, TiedEmbeddingsHaveNoHead) {
   auto config = fm::LlamaConfig::from_file(kTiny);
   config.tie_word_embeddings = true;
