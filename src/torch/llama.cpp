@@ -126,6 +126,22 @@ LlamaConfig LlamaConfig::from_json(const std::string& text, const std::string& s
   } else if (j.contains("rope_theta")) {
     c.rope_theta = number(j, "rope_theta", source);
   }
+  if (j.contains("quantization_config") && j["quantization_config"].is_object()) {
+    const json& qc = j["quantization_config"];
+    if (qc.contains("bnb_4bit_compute_dtype") && !qc["bnb_4bit_compute_dtype"].is_null()) {
+      const json& v = qc["bnb_4bit_compute_dtype"];
+      if (v == "float32") {
+        c.compute_dtype = ::torch::kFloat32;
+      } else if (v == "bfloat16") {
+        c.compute_dtype = ::torch::kBFloat16;
+      } else if (v == "float16") {
+        c.compute_dtype = ::torch::kFloat16;
+      } else {
+        TORCH_CHECK_VALUE(false, source, ": field 'quantization_config.bnb_4bit_compute_dtype' = ", v.dump(),
+                          " is not supported (\"float32\", \"bfloat16\" or \"float16\")");
+      }
+    }
+  }
   TORCH_CHECK_VALUE(std::isfinite(c.rope_theta) && c.rope_theta > 0, source, ": field 'rope_theta' must be > 0, got ",
                     c.rope_theta);
   c.finalize(source);
@@ -184,11 +200,13 @@ Tensor RMSNormImpl::forward(const Tensor& x) {
   return weight * (h * ::torch::rsqrt(variance + eps)).to(x.scalar_type());
 }
 
-void LinearSlot::init(::torch::nn::Module& owner, const std::string& name_, int64_t in, int64_t out, bool quantized) {
+void LinearSlot::init(::torch::nn::Module& owner, const std::string& name_, int64_t in, int64_t out, bool quantized,
+                      std::optional<::torch::Dtype> compute_dtype) {
   owner_ = &owner;
   name = name_;
   if (quantized) {
-    q = owner.register_module(name, fnn::Linear4bit(fnn::Linear4bitOptions(in, out).bias(false)));
+    q = owner.register_module(
+        name, fnn::Linear4bit(fnn::Linear4bitOptions(in, out).bias(false).compute_dtype(compute_dtype)));
   } else {
     plain = owner.register_module(name, FrozenLinear(in, out));
   }
@@ -212,10 +230,10 @@ void LinearSlot::add_lora(const fnn::LoraOptions& options, const std::string& pa
 LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& c, const std::string& path, const QuantizedPredicate& quantized)
     : num_heads(c.num_attention_heads), num_kv_heads(c.num_key_value_heads), head_dim(c.head_dim) {
   const int64_t H = c.hidden_size;
-  q_proj.init(*this, "q_proj", H, num_heads * head_dim, quantized(path + ".q_proj"));
-  k_proj.init(*this, "k_proj", H, num_kv_heads * head_dim, quantized(path + ".k_proj"));
-  v_proj.init(*this, "v_proj", H, num_kv_heads * head_dim, quantized(path + ".v_proj"));
-  o_proj.init(*this, "o_proj", num_heads * head_dim, H, quantized(path + ".o_proj"));
+  q_proj.init(*this, "q_proj", H, num_heads * head_dim, quantized(path + ".q_proj"), c.compute_dtype);
+  k_proj.init(*this, "k_proj", H, num_kv_heads * head_dim, quantized(path + ".k_proj"), c.compute_dtype);
+  v_proj.init(*this, "v_proj", H, num_kv_heads * head_dim, quantized(path + ".v_proj"), c.compute_dtype);
+  o_proj.init(*this, "o_proj", num_heads * head_dim, H, quantized(path + ".o_proj"), c.compute_dtype);
 }
 
 Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Tensor& sin) {
@@ -233,9 +251,9 @@ Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Ten
 }
 
 LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& c, const std::string& path, const QuantizedPredicate& quantized) {
-  gate_proj.init(*this, "gate_proj", c.hidden_size, c.intermediate_size, quantized(path + ".gate_proj"));
-  up_proj.init(*this, "up_proj", c.hidden_size, c.intermediate_size, quantized(path + ".up_proj"));
-  down_proj.init(*this, "down_proj", c.intermediate_size, c.hidden_size, quantized(path + ".down_proj"));
+  gate_proj.init(*this, "gate_proj", c.hidden_size, c.intermediate_size, quantized(path + ".gate_proj"), c.compute_dtype);
+  up_proj.init(*this, "up_proj", c.hidden_size, c.intermediate_size, quantized(path + ".up_proj"), c.compute_dtype);
+  down_proj.init(*this, "down_proj", c.intermediate_size, c.hidden_size, quantized(path + ".down_proj"), c.compute_dtype);
 }
 
 Tensor LlamaMLPImpl::forward(const Tensor& x) { return down_proj(::torch::silu(gate_proj(x)) * up_proj(x)); }
@@ -297,13 +315,25 @@ Tensor LlamaModelImpl::forward(const Tensor& input_ids) {
   return norm(h);
 }
 
-LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& config, QuantizedPredicate quantized)
-    : config_(config) {
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& config, QuantizedPredicate quantized,
+                                           ::torch::Dtype dtype)
+    : config_(config), dtype_(dtype) {
+  TORCH_CHECK_VALUE(dtype == ::torch::kFloat32 || dtype == ::torch::kBFloat16 || dtype == ::torch::kFloat16,
+                    "LlamaForCausalLM: dtype must be float32, bfloat16 or float16, got ", dtype);
   config_.finalize();
   if (!quantized) quantized = [](const std::string& path) { return path != "lm_head"; };
   model = register_module("model", LlamaModel(config_, quantized));
   if (!config_.tie_word_embeddings) {
-    lm_head.init(*this, "lm_head", config_.hidden_size, config_.vocab_size, quantized("lm_head"));
+    lm_head.init(*this, "lm_head", config_.hidden_size, config_.vocab_size, quantized("lm_head"),
+                 config_.compute_dtype);
+  }
+  // The float weights (not the 4-bit layers' fp32 statistics) take the model's dtype.
+  if (dtype != ::torch::kFloat32) {
+    ::torch::NoGradGuard no_grad;
+    for (const auto& m : modules(/*include_self=*/false)) {
+      if (dynamic_cast<fnn::Linear4bitImpl*>(m.get()) || dynamic_cast<fnn::LoraLinear4bitImpl*>(m.get())) continue;
+      for (auto& p : m->parameters(/*recurse=*/false)) p.set_data(p.to(dtype));
+    }
   }
 }
 
@@ -369,7 +399,7 @@ std::vector<Tensor> LlamaForCausalLMImpl::add_lora(const std::vector<std::string
   return fnn::lora_parameters(*this);
 }
 
-LlamaForCausalLM load_llama_4bit(const std::string& directory) {
+LlamaForCausalLM load_llama_4bit(const std::string& directory, ::torch::Dtype dtype) {
   const LlamaConfig config = LlamaConfig::from_file(directory);
   LlamaForCausalLM model{nullptr};
   {
@@ -380,7 +410,7 @@ LlamaForCausalLM load_llama_4bit(const std::string& directory) {
       return key_set.count(path + ".weight.quant_state.bitsandbytes__nf4") != 0 ||
              key_set.count(path + ".weight.quant_state.bitsandbytes__fp4") != 0;
     };
-    model = LlamaForCausalLM(config, quantized);
+    model = LlamaForCausalLM(config, quantized, dtype);
   }
   io::load_4bit_checkpoint(*model, directory);
   for (auto& p : model->parameters()) p.set_requires_grad(false);

@@ -86,6 +86,29 @@ TEST(LlamaTiny, BaseLogitsMatchTransformers) {
               "(|logits| up to %.3g)\n", diff, diff_bnb, entry(fx, "base_logits").abs().max().item<double>());
 }
 
+TEST(LlamaTiny, Bfloat16ModelMatchesTransformersInBfloat16) {
+  const auto fx = load_fixture("llama_tiny.safetensors");
+  auto model = fm::load_llama_4bit(kTiny, torch::kBFloat16);
+  model->eval();
+  ASSERT_TRUE(model->config().compute_dtype.has_value());
+  EXPECT_EQ(*model->config().compute_dtype, torch::kFloat32);  // the checkpoint's bnb_4bit_compute_dtype
+  EXPECT_EQ(model->model->embed_tokens->weight.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(model->lm_head.plain->weight.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(model->model->decoder_layers[0]->self_attn->q_proj.q->absmax().scalar_type(), torch::kUInt8);
+  EXPECT_EQ(model->model->decoder_layers[0]->self_attn->q_proj.q->nested_absmax().scalar_type(), torch::kFloat32);
+  torch::NoGradGuard no_grad;
+  const auto logits = model->forward(entry(fx, "input_ids")).logits;
+  // Same operations in the same dtypes as transformers: equal up to summation order (measured 0).
+  // The bound is relative to the baseline of the float32 model (4.1e-3 from transformers'
+  // bfloat16 one, about one bfloat16 ulp at |logits| ~0.6): a C++ model that computed in float32,
+  // or in bfloat16 where transformers does not, lands at or beyond it.
+  const double baseline = max_diff(entry(fx, "base_logits"), entry(fx, "bf16_base_logits"));
+  const double diff = max_diff(logits, entry(fx, "bf16_base_logits"));
+  EXPECT_LE(diff, 0.5 * baseline);
+  std::printf("bfloat16 base logits: max |C++ - transformers| = %.3g (float32 vs bfloat16 in Python: %.3g)\n", diff,
+              baseline);
+}
+
 TEST(LlamaTiny, LoraLogitsLossAndGradientsMatchPeft) {
   const auto fx = load_fixture("llama_tiny.safetensors");
   auto model = tiny_with_adapter();
@@ -270,6 +293,9 @@ TEST(LlamaConfigErrors, MissingAndBadFieldsAreNamed) {
   c = tiny_config();
   c["model_type"] = "gpt2";
   expect_config_error(c, {"'model_type'", "\"gpt2\""});
+  c = tiny_config();
+  c["quantization_config"]["bnb_4bit_compute_dtype"] = "int8";
+  expect_config_error(c, {"'quantization_config.bnb_4bit_compute_dtype'", "\"int8\""});
   c = tiny_config();
   c["head_dim"] = 15;
   expect_config_error(c, {"'head_dim'", "15"});

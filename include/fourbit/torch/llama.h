@@ -12,8 +12,10 @@
 //
 // Every linear layer is a frozen fourbit::nn::Linear4bit, except those the checkpoint keeps in
 // float (transformers leaves lm_head unquantized): those, the embedding and the norms are frozen
-// float32 tensors. The model computes in float32. Inputs are full, unpadded sequences (no
-// attention mask, no KV cache): this is a training forward.
+// float tensors of the model's dtype (float32 by default, or bfloat16 / float16), which is also
+// the dtype the 4-bit layers compute in; norms take their variance in float32 and the logits are
+// returned in float32, as transformers does. Inputs are full, unpadded sequences (no attention
+// mask, no KV cache): this is a training forward.
 #pragma once
 
 #include <torch/nn/module.h>
@@ -53,6 +55,9 @@ struct LlamaConfig {
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   bool tie_word_embeddings = false;
+  // quantization_config.bnb_4bit_compute_dtype: the dtype the 4-bit layers compute in (inputs
+  // cast to it, outputs back), as bitsandbytes' Linear4bit does; unset: the activations' dtype.
+  std::optional<::torch::Dtype> compute_dtype;
 
   static LlamaConfig from_json(const std::string& text, const std::string& source = "config.json");
   // `path`: a config.json file or a directory holding one.
@@ -88,7 +93,8 @@ class LinearSlot {
  public:
   LinearSlot() = default;
   // Registers a Linear4bit (quantized = true) or a FrozenLinear in `owner` as `name`.
-  void init(::torch::nn::Module& owner, const std::string& name, int64_t in, int64_t out, bool quantized);
+  void init(::torch::nn::Module& owner, const std::string& name, int64_t in, int64_t out, bool quantized,
+            std::optional<::torch::Dtype> compute_dtype = std::nullopt);
   ::torch::Tensor operator()(const ::torch::Tensor& x);
   // Replaces the Linear4bit with a LoraLinear4bit around it; refused for a float layer.
   void add_lora(const fourbit::nn::LoraOptions& options, const std::string& path);
@@ -161,7 +167,9 @@ struct CausalLMOutput {
 
 class LlamaForCausalLMImpl : public ::torch::nn::Module {
  public:
-  explicit LlamaForCausalLMImpl(const LlamaConfig& config, QuantizedPredicate quantized = nullptr);
+  // dtype: of the float weights and of the activations (float32, bfloat16 or float16).
+  explicit LlamaForCausalLMImpl(const LlamaConfig& config, QuantizedPredicate quantized = nullptr,
+                                ::torch::Dtype dtype = ::torch::kFloat32);
 
   // input_ids [B, T] (int64, values in [0, vocab_size), 1 <= T <= max_position_embeddings).
   // labels [B, T] (int64; -100 = ignored): the loss is transformers' causal-LM loss, the mean
@@ -178,19 +186,22 @@ class LlamaForCausalLMImpl : public ::torch::nn::Module {
   std::vector<std::pair<std::string, LinearSlot*>> linear_layers();
 
   const LlamaConfig& config() const { return config_; }
+  ::torch::Dtype dtype() const { return dtype_; }
   LlamaModel model{nullptr};
   LinearSlot lm_head;  // unused (nothing registered) when tie_word_embeddings
 
  private:
   LlamaConfig config_;
+  ::torch::Dtype dtype_;
 };
 TORCH_MODULE(LlamaForCausalLM);
 
 // Builds the model of `directory`/config.json and loads its checkpoint (model.safetensors or a
 // sharded model.safetensors.index.json) strictly: a linear layer is 4-bit where the checkpoint
 // holds its bitsandbytes quant state (P.weight.quant_state.bitsandbytes__nf4 / __fp4), float
-// otherwise. Every parameter is frozen; add adapters with add_lora().
-LlamaForCausalLM load_llama_4bit(const std::string& directory);
+// otherwise. Float weights are cast to `dtype` (the model's compute dtype). Every parameter is
+// frozen; add adapters with add_lora().
+LlamaForCausalLM load_llama_4bit(const std::string& directory, ::torch::Dtype dtype = ::torch::kFloat32);
 
 }  // namespace models
 }  // namespace fourbit
