@@ -56,16 +56,21 @@ UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 OMP_NUM_THREADS=1 ./build-ci/fu
   -artifact_prefix=build-ci/fuzz/findings/ build-ci/fuzz/corpus 2>&1 | { grep -v -E "^#[0-9]+ +(NEW|REDUCE|pulse)|NEW_FUNC" || true; }
 
 echo "== C++ API: install the package, build examples/cpp against it with find_package(fourbit [COMPONENTS torch])"
-rm -rf build-ci/prefix build-ci/consumer build-ci/train_lora
+rm -rf build-ci/prefix build-ci/consumer build-ci/train_lora build-ci/train_llama_lora
 cmake --install build-ci/cpu --prefix build-ci/prefix >/dev/null
 cmake -S examples/cpp -B build-ci/consumer -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build-ci/prefix" \
   -DPython_EXECUTABLE="$(command -v "$PY")" -DFOURBIT_EXAMPLE_REQUIRE_TORCH=ON >/dev/null
 cmake --build build-ci/consumer -j "$JOBS"
 ./build-ci/consumer/quantize_example
-echo "== C++ QLoRA trainer: Python saves a 4-bit model, C++ trains LoRA on it, PEFT loads the adapter"
+echo "== C++ QLoRA trainer: Python saves a 4-bit model (an MLP, then a transformers Llama), C++ trains LoRA on it, PEFT loads the adapter"
 "$PY" examples/cpp/tiny_mlp.py save build-ci/train_lora/base
 ./build-ci/consumer/train_lora build-ci/train_lora/base build-ci/train_lora/adapter
 "$PY" examples/cpp/tiny_mlp.py check build-ci/train_lora/base build-ci/train_lora/adapter
+# The same on a transformers Llama (4-bit by transformers + bitsandbytes): C++ must reproduce the
+# base logits, halve the loss in 40 steps, and PEFT's logits with its adapter must match (1e-4).
+"$PY" examples/cpp/tiny_llama.py save build-ci/train_llama_lora/base
+./build-ci/consumer/train_llama_lora build-ci/train_llama_lora/base build-ci/train_llama_lora/adapter 40 q_proj,v_proj
+"$PY" examples/cpp/tiny_llama.py check build-ci/train_llama_lora/base build-ci/train_llama_lora/adapter --atol 1e-4
 
 echo "== Python: pytest"
 "$PY" -m pytest tests/python -v -rs
