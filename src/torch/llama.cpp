@@ -206,7 +206,7 @@ void LinearSlot::init(::torch::nn::Module& owner, const std::string& name_, int6
   name = name_;
   if (quantized) {
     q = owner.register_module(
-        name, fnn::Linear4bit(fnn::Linear4bitOptions(in, out).bias(false).compute_dtype(compute_dtype)));
+        name, fnn::Linear4bit(fnn::Linear4bitOptions(in, out).bias(false).compute_dtype(compute_dtype).init_weight(false)));
   } else {
     plain = owner.register_module(name, FrozenLinear(in, out));
   }

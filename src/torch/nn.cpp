@@ -179,6 +179,26 @@ Linear4bitImpl::Linear4bitImpl(const Linear4bitOptions& options) : options_(opti
                       "Linear4bit: compute_dtype must be float32, float16 or bfloat16, got ",
                       *options.compute_dtype());
   }
+  if (!options.init_weight()) {
+    // Zero codes and scales in the options' format, shaped as load_quantized checks them.
+    const int64_t numel = options.out_features() * options.in_features();
+    const int64_t blocks = (numel + b - 1) / b;
+    QuantState4bit state;
+    state.quant_type = options.quant_type();
+    state.blocksize = b;
+    state.nested = options.compress_statistics();
+    const auto bytes = ::torch::TensorOptions().dtype(::torch::kUInt8);
+    const auto floats = ::torch::TensorOptions().dtype(::torch::kFloat32);
+    std::optional<Tensor> nested_absmax, nested_code;
+    if (state.nested) {
+      nested_absmax = ::torch::zeros({(blocks + state.nested_blocksize - 1) / state.nested_blocksize}, floats);
+      nested_code = ::torch::zeros({256}, floats);
+    }
+    load_quantized(::torch::zeros({(numel + 1) / 2, 1}, bytes),
+                   ::torch::zeros({blocks}, state.nested ? bytes : floats), state, nested_absmax, nested_code);
+    if (options.bias()) bias_ = register_parameter("bias", ::torch::zeros({options.out_features()}), false);
+    return;
+  }
   // torch::nn::Linear's initialisation: Kaiming-uniform weight, bias in +-1/sqrt(in).
   Tensor weight = ::torch::empty({options.out_features(), options.in_features()});
   ::torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));

@@ -70,6 +70,37 @@ TEST(Linear4bit, BaseIsFrozenAndHasNoWeightGradient) {
   EXPECT_FALSE(layer->bias().grad().defined());
 }
 
+// init_weight(false): the same buffers (names, shapes, dtypes) as a drawn layer, all zero, and
+// a load fills them to the drawn layer's output; for nf4/fp4, nested or not, odd sizes.
+TEST(Linear4bit, UninitialisedLayerHasTheDrawnLayersBuffersAndLoadsIntoThem) {
+  for (const char* type : {"nf4", "fp4"}) {
+    for (bool nested : {true, false}) {
+      SCOPED_TRACE(std::string(type) + (nested ? " nested" : " plain"));
+      const auto opts = fnn::Linear4bitOptions(70, 33).quant_type(type).blocksize(128).compress_statistics(nested);
+      fnn::Linear4bit drawn(opts);
+      fnn::Linear4bit empty(fnn::Linear4bitOptions(opts).init_weight(false));
+      auto a = drawn->named_buffers(), b = empty->named_buffers();
+      ASSERT_EQ(a.size(), b.size());
+      for (const auto& item : a) {
+        ASSERT_TRUE(b.contains(item.key())) << item.key();
+        EXPECT_EQ(b[item.key()].sizes(), item.value().sizes()) << item.key();
+        EXPECT_EQ(b[item.key()].scalar_type(), item.value().scalar_type()) << item.key();
+      }
+      EXPECT_EQ(empty->bias().sizes(), drawn->bias().sizes());
+      EXPECT_FALSE(empty->bias().requires_grad());
+      EXPECT_EQ(empty->dequantize().abs().max().item<float>(), 0.0f);
+      const auto x = torch::randn({3, 70});
+      EXPECT_EQ(empty(x).abs().max().item<float>(), 0.0f);
+      const auto& s = drawn->quant_state();
+      empty->load_quantized(drawn->weight(), drawn->absmax(), s,
+                            nested ? std::optional<torch::Tensor>(drawn->nested_absmax()) : std::nullopt,
+                            nested ? std::optional<torch::Tensor>(drawn->nested_quant_map()) : std::nullopt);
+      empty->bias().set_data(drawn->bias().clone());
+      EXPECT_TRUE(torch::equal(empty(x), drawn(x)));
+    }
+  }
+}
+
 TEST(LoraLinear4bit, ForwardAndBackwardMatchPython) {
   const auto fx = load_fixture("linear.safetensors");
   const auto lx = load_fixture("lora.safetensors");

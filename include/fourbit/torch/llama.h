@@ -168,6 +168,8 @@ struct CausalLMOutput {
 class LlamaForCausalLMImpl : public ::torch::nn::Module {
  public:
   // dtype: of the float weights and of the activations (float32, bfloat16 or float16).
+  // The 4-bit layers start all zero (Linear4bitOptions::init_weight(false)): load a
+  // checkpoint into the model (load_llama_4bit does both).
   explicit LlamaForCausalLMImpl(const LlamaConfig& config, QuantizedPredicate quantized = nullptr,
                                 ::torch::Dtype dtype = ::torch::kFloat32);
 

@@ -36,6 +36,12 @@ struct Linear4bitOptions {
   TORCH_ARG(bool, compress_statistics) = true;
   // Dtype of the product; unset: the input's dtype. Inputs are cast to it, outputs back.
   TORCH_ARG(std::optional<::torch::Dtype>, compute_dtype) = std::nullopt;
+  // true: draw a weight as torch::nn::Linear does and quantize it. false: draw nothing; the
+  // layer holds zero codes and zero scales (an all-zero weight, zero bias) in the format above
+  // until quantize_, load_quantized or a checkpoint load fills it. Building a model only to
+  // load a checkpoint into then costs an allocation per layer, not a float weight and its
+  // quantization (an 8B model's worth of both).
+  TORCH_ARG(bool, init_weight) = true;
 };
 
 // The non-tensor fields of a 4-bit weight's quant state (bitsandbytes' QuantState).
@@ -50,7 +56,8 @@ struct QuantState4bit {
 
 class Linear4bitImpl : public ::torch::nn::Module {
  public:
-  // A layer with a weight drawn as torch::nn::Linear draws it (Kaiming-uniform), quantized.
+  // A layer with a weight drawn as torch::nn::Linear draws it (Kaiming-uniform), quantized;
+  // with options.init_weight(false), an all-zero 4-bit weight to load into.
   explicit Linear4bitImpl(const Linear4bitOptions& options);
   Linear4bitImpl(int64_t in_features, int64_t out_features)
       : Linear4bitImpl(Linear4bitOptions(in_features, out_features)) {}
