@@ -336,8 +336,9 @@ def test_accelerate_fsdp2_prepare(tmp_path):
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_torchrun_example(tmp_path, low_memory):
     """examples/fsdp_qlora.py under torchrun (2 CPU ranks, gloo): PEFT LoRA on a 4-bit Llama,
-    prepare_fsdp, fully_shard, PagedAdamW8bit steps, DCP save and reload; with --low-memory
-    the model is built on meta and rank 0 streams a saved float checkpoint (load_from_rank0)."""
+    prepare_fsdp, fully_shard, PagedAdamW8bit steps, DCP save and reload, the adapter saved;
+    with --low-memory the model is built on meta and rank 0 streams a saved float checkpoint
+    (load_from_rank0), and the 4-bit model is exported (--export-4bit)."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     import os
@@ -346,14 +347,20 @@ def test_torchrun_example(tmp_path, low_memory):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(root, "examples", "fsdp_qlora.py"), "--steps", "2", "--layers", "2", "--hidden", "128",
-           "--out", str(tmp_path / "ckpt")] + (["--low-memory"] if low_memory else [])
+           "--out", str(tmp_path / "ckpt")] + (["--low-memory", "--export-4bit", "--max-shard-size", "200KB"]
+                                                if low_memory else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = run.stdout
     assert "step 1: loss" in lines and "saved and reloaded" in lines, lines
+    # 2 layers x 7 linears x (A, B); PEFT's files
+    assert "saved the adapter (28 tensors: README.md, adapter_config.json, adapter_model.safetensors)" in lines, lines
+    assert os.path.isfile(tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors")
     if low_memory:  # 2 layers x (7 linears + 2 norms), embedding, final norm, head; 28 LoRA tensors
         assert "loaded 21 tensors (14 quantized)" in lines and "28 LoRA tensors initialised" in lines, lines
+        assert "exported the 4-bit model (21 tensors, 14 4-bit, " in lines, lines
+        assert os.path.isfile(tmp_path / "ckpt" / "nf4" / "model.safetensors.index.json")
     for rank in (0, 1):
         whole, here = [int(w) for w in lines.split(f"rank {rank}: 4-bit weights ")[1].split()[::3][:2]]
         assert here <= -(-whole // 2) + 64, f"rank {rank} holds {here} of {whole} bytes"
