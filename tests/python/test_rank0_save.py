@@ -250,6 +250,14 @@ def _errors_worker(rank, ws, tmp):
         safetensors.torch.save_file = save_file
     assert {n: open(f"{tmp}/existing/{n}", "rb").read() for n in os.listdir(f"{tmp}/existing")} == before
     assert not [n for n in os.listdir(tmp) if ".partial-" in n], os.listdir(tmp)
+    # a successful save over it: one file now; the old shards and index go, other files stay
+    if rank == 0:
+        with open(f"{tmp}/existing/tokenizer.json", "w") as f:
+            f.write("{}")
+    report = save_quantized(model, f"{tmp}/existing")
+    assert sorted(os.listdir(f"{tmp}/existing")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                      "tokenizer.json"], os.listdir(f"{tmp}/existing")
+    assert report["files"] == ["config.json", "generation_config.json", "model.safetensors"], report
     # rank 0's model not prepared: every rank raises rank 0's error
     model = _lora(_llama(TINY)) if rank == 0 else prepare_fsdp(_lora(_llama(TINY)))
     with pytest.raises(ValueError, match=r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.base_layer: a "
@@ -261,7 +269,8 @@ def _errors_worker(rank, ws, tmp):
 def test_rank0_save_errors(tmp_path):
     """Bad out_dir (a file, under a file, unwritable), bad arguments, a disk that fails
     mid-export and a model rank 0 has not prepared: the same error on both ranks (no hang),
-    naming the argument and value; an existing export is left untouched, no partial files."""
+    naming the argument and value; an existing export is left untouched, no partial files.
+    A successful export over an existing one replaces its weight files and keeps the rest."""
     (tmp_path / "a_file").write_text("not a directory")
     spawn(_errors_worker, 2, tmp_path, TIMEOUT)
 

@@ -78,16 +78,16 @@ class _Ranks:
             dist.all_gather_object(found, _describe(error))
         for item in found:
             if item is not None:
-                _reraise(item)
+                _reraise(item, error)
 
     def share(self, value=None, error: Optional[BaseException] = None):
         """Rank 0's ``value`` on every rank, or rank 0's ``error`` raised on every rank."""
         box = [(value, _describe(error))]
         if self.world > 1:
             dist.broadcast_object_list(box, src=0)
-        value, error = box[0]
-        if error is not None:
-            _reraise(error)
+        value, shared = box[0]
+        if shared is not None:
+            _reraise(shared, error)
         return value
 
     def failed(self, error: Optional[BaseException]) -> None:
@@ -99,7 +99,7 @@ class _Ranks:
             if flag.item():
                 self.share(error=error)
         elif error is not None:
-            _reraise(_describe(error))
+            _reraise(_describe(error), error)
 
 
 def _describe(error: Optional[BaseException]):
@@ -109,9 +109,10 @@ def _describe(error: Optional[BaseException]):
     return type(error).__name__, message
 
 
-def _reraise(item) -> None:
+def _reraise(item, local: Optional[BaseException]) -> None:
+    """Raises the agreed error; on the rank where it happened, chained to the original."""
     kind, message = item
-    raise _EXCEPTIONS.get(kind, RuntimeError)(message)
+    raise _EXCEPTIONS.get(kind, RuntimeError)(message) from local
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -147,6 +148,9 @@ class _Staging:
         try:
             os.makedirs(parent, exist_ok=True)
             self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.partial-", dir=parent)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)  # what os.makedirs gives, not mkdtemp's 0o700
         except OSError as e:
             raise type(e)(f"{argument} {path!r}: cannot write in {parent!r} ({e.strerror or e})") from None
 
