@@ -47,7 +47,8 @@ def _llama(cfg, storage=torch.uint8, nested=True, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["inter"],
-                         num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"], head_dim=cfg["head_dim"],
+                         num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                         num_key_value_heads=cfg["kv_heads"], head_dim=cfg["head_dim"],
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
     return fourbit.replace_linear(model, quant_type="nf4", compress_statistics=nested,
@@ -211,7 +212,8 @@ def test_save_quantized_peak_memory(tmp_path):
     _same_files(str(tmp_path / "export"), str(tmp_path / "reference"))
     peaks = [int(open(tmp_path / f"peak_rank{r}.txt").read()) for r in range(2)]
     print(f"export of {ckpt / MiB:.1f} MiB in {shard_size / MiB:.0f} MiB shards: rank 0 peak +{peaks[0] / MiB:.1f} "
-          f"MiB, rank 1 +{peaks[1] / MiB:.1f} MiB (bound {bound / MiB:.1f} MiB, largest tensor {largest / MiB:.2f} MiB)")
+          f"MiB, rank 1 +{peaks[1] / MiB:.1f} MiB (bound {bound / MiB:.1f} MiB, largest tensor "
+          f"{largest / MiB:.2f} MiB)")
     assert peaks[0] <= bound, f"rank 0: peak RSS +{peaks[0] / MiB:.1f} MiB while exporting, over {bound / MiB:.1f} MiB"
 
 
@@ -222,7 +224,8 @@ def _errors_worker(rank, ws, tmp):
     for save in (save_adapter, save_quantized):
         with pytest.raises(NotADirectoryError, match=r"out_dir '.*/a_file' is a file, not a directory"):
             save(model, f"{tmp}/a_file")  # on every rank: rank 0 checks, the others wait for its answer
-        with pytest.raises(NotADirectoryError, match=r"out_dir '.*/a_file/sub': '.*/a_file' is a file, not a directory"):
+        with pytest.raises(NotADirectoryError,
+                           match=r"out_dir '.*/a_file/sub': '.*/a_file' is a file, not a directory"):
             save(model, f"{tmp}/a_file/sub")
         with pytest.raises(PermissionError, match=r"out_dir '/sys/fourbit_out': cannot write in '/sys' "
                                                   r"\(Operation not permitted\)"):  # sysfs: read-only, even for root
@@ -273,6 +276,24 @@ def test_rank0_save_errors(tmp_path):
     A successful export over an existing one replaces its weight files and keeps the rest."""
     (tmp_path / "a_file").write_text("not a directory")
     spawn(_errors_worker, 2, tmp_path, TIMEOUT)
+
+
+def test_save_quantized_tied_embeddings_one_process(tmp_path):
+    """Without a process group (one process, prepared but not sharded), a model whose lm_head
+    is tied to the embedding: the tied name left out as transformers leaves it out, files equal."""
+    from fourbit.integrations.rank0_save import save_quantized
+    from fourbit.integrations.transformers import save_pretrained
+
+    def tied():
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=67, hidden_size=35, intermediate_size=45, num_hidden_layers=2,
+                             num_attention_heads=5, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+        return fourbit.replace_linear(LlamaForCausalLM(config).eval(), quant_type="nf4", compute_dtype=torch.float32)
+    save_pretrained(tied(), str(tmp_path / "reference"), max_shard_size=5000)
+    report = save_quantized(prepare_fsdp(_lora(tied())), str(tmp_path / "export"), max_shard_size=5000)
+    assert report["tensors"] == 20 and report["quantized"] == 14, report  # no lm_head.weight
+    _same_files(str(tmp_path / "export"), str(tmp_path / "reference"))
 
 
 def test_rank0_save_rejects_bad_models():
