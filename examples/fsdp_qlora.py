@@ -6,8 +6,12 @@ download; pass --model to load a real checkpoint instead) is quantized to NF4 wi
 ``fourbit.integrations.distributed.prepare_fsdp`` and sharded with FSDP2's ``fully_shard``
 (one unit per decoder layer, then the root). It trains on random tokens with fourbit's
 PagedAdamW8bit, saves model + optimizer with ``torch.distributed.checkpoint`` and loads them
-back. Rank 0 prints the loss per step and each rank's bytes of 4-bit weights before and
-after sharding.
+back, then saves the PEFT adapter as PEFT's ``save_pretrained`` writes it (under
+--out/adapter, with ``fourbit.integrations.rank0_save.save_adapter``: each LoRA tensor
+gathered on its own, rank 0 writes). With --export-4bit it also writes the 4-bit base model as
+a transformers + bitsandbytes checkpoint (under --out/nf4, with ``save_quantized``: one
+layer gathered at a time, shards of --max-shard-size). Rank 0 prints the loss per step and
+each rank's bytes of 4-bit weights before and after sharding.
 
 With --low-memory, no rank holds the model: every rank builds it on the meta device (its
 linears as empty 4-bit layers), prepares and shards it, and
@@ -20,6 +24,7 @@ checkpoint, are initialised on each rank's shards.
 Run (CPU, gloo):  torchrun --nproc-per-node 2 examples/fsdp_qlora.py [--low-memory]
      (GPUs, nccl): torchrun --nproc-per-node 8 examples/fsdp_qlora.py --model meta-llama/Llama-3.1-8B
 Options: --steps 5 --seq 64 --batch 2 --hidden 256 --layers 4 --out out/fsdp_qlora --low-memory
+         --export-4bit --max-shard-size 5GB
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import fourbit
 import fourbit.integrations.peft  # noqa: F401  (PEFT's LoRA on fourbit layers)
 from fourbit.integrations.distributed import flat_layout, prepare_fsdp
 from fourbit.integrations.rank0_load import load_from_rank0
+from fourbit.integrations.rank0_save import save_adapter, save_quantized
 from fourbit.nn import Linear4bit
 
 
@@ -114,6 +120,9 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--out", default="out/fsdp_qlora")
     ap.add_argument("--low-memory", action="store_true", help="build on meta; rank 0 streams the checkpoint")
+    ap.add_argument("--export-4bit", action="store_true",
+                    help="also write the 4-bit base model (bitsandbytes format) under --out/nf4")
+    ap.add_argument("--max-shard-size", default="5GB", help="largest output file of --export-4bit")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -178,6 +187,19 @@ def main():
     set_optimizer_state_dict(model, opt, state["optim"])
     if rank == 0:
         print(f"saved and reloaded {args.out} (torch.distributed.checkpoint, {world} ranks)", flush=True)
+
+    # what PEFT's save_pretrained writes for the unsharded model; load it with PeftModel.from_pretrained
+    t0 = time.perf_counter()
+    report = save_adapter(model, os.path.join(args.out, "adapter"))
+    if rank == 0:
+        print(f"saved the adapter ({report['tensors']} tensors: {', '.join(report['files'])}) to "
+              f"{args.out}/adapter in {time.perf_counter() - t0:.2f} s", flush=True)
+    if args.export_4bit:  # the base model as transformers + bitsandbytes save it (LoRA not merged)
+        t0 = time.perf_counter()
+        report = save_quantized(model, os.path.join(args.out, "nf4"), max_shard_size=args.max_shard_size)
+        if rank == 0:
+            print(f"exported the 4-bit model ({report['tensors']} tensors, {report['quantized']} 4-bit, "
+                  f"{len(report['files'])} files) to {args.out}/nf4 in {time.perf_counter() - t0:.2f} s", flush=True)
     dist.barrier()  # every rank past its last collective before any tears its group down
     dist.destroy_process_group()
 

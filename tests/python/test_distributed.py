@@ -333,23 +333,24 @@ def test_accelerate_fsdp2_prepare(tmp_path):
     spawn(_accelerate_worker, 2, tmp_path, TIMEOUT)
 
 
-def _aborted_in_teardown(run) -> bool:
-    """True when a torchrun run did all its work (its last line printed, after the final
+def _aborted_in_teardown(run, last_line: str) -> bool:
+    """True when a torchrun run did all its work (`last_line` printed, after its final
     collective) and a rank then aborted at process teardown with libstdc++'s
     "terminate called without an active exception" (a joinable std::thread destroyed). Seen
     once in CI (2026-12-05, rank 0, --low-memory), not in 100 runs of the same command here
     since; fourbit's C++ starts no std::thread, so it is a teardown race below us (torch,
     gloo). The test reruns once on exactly this signature; any other failure, or the same
     one twice, fails."""
-    return (run.returncode != 0 and "saved and reloaded" in run.stdout
+    return (run.returncode != 0 and last_line in run.stdout
             and "terminate called without an active exception" in run.stderr)
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_torchrun_example(tmp_path, low_memory):
     """examples/fsdp_qlora.py under torchrun (2 CPU ranks, gloo): PEFT LoRA on a 4-bit Llama,
-    prepare_fsdp, fully_shard, PagedAdamW8bit steps, DCP save and reload; with --low-memory
-    the model is built on meta and rank 0 streams a saved float checkpoint (load_from_rank0)."""
+    prepare_fsdp, fully_shard, PagedAdamW8bit steps, DCP save and reload, the adapter saved;
+    with --low-memory the model is built on meta and rank 0 streams a saved float checkpoint
+    (load_from_rank0), and the 4-bit model is exported (--export-4bit)."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     import os
@@ -358,16 +359,23 @@ def test_torchrun_example(tmp_path, low_memory):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(root, "examples", "fsdp_qlora.py"), "--steps", "2", "--layers", "2", "--hidden", "128",
-           "--out", str(tmp_path / "ckpt")] + (["--low-memory"] if low_memory else [])
+           "--out", str(tmp_path / "ckpt")] + (["--low-memory", "--export-4bit", "--max-shard-size", "200KB"]
+                                                if low_memory else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-    if _aborted_in_teardown(run):  # not fourbit's: see _aborted_in_teardown; a second one fails
+    last_line = "exported the 4-bit model" if low_memory else "saved the adapter"
+    if _aborted_in_teardown(run, last_line):  # not fourbit's: see _aborted_in_teardown; twice fails
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = run.stdout
     assert "step 1: loss" in lines and "saved and reloaded" in lines, lines
+    # 2 layers x 7 linears x (A, B); PEFT's files
+    assert "saved the adapter (28 tensors: README.md, adapter_config.json, adapter_model.safetensors)" in lines, lines
+    assert os.path.isfile(tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors")
     if low_memory:  # 2 layers x (7 linears + 2 norms), embedding, final norm, head; 28 LoRA tensors
         assert "loaded 21 tensors (14 quantized)" in lines and "28 LoRA tensors initialised" in lines, lines
+        assert "exported the 4-bit model (21 tensors, 14 4-bit, " in lines, lines
+        assert os.path.isfile(tmp_path / "ckpt" / "nf4" / "model.safetensors.index.json")
     for rank in (0, 1):
         whole, here = [int(w) for w in lines.split(f"rank {rank}: 4-bit weights ")[1].split()[::3][:2]]
         assert here <= -(-whole // 2) + 64, f"rank {rank} holds {here} of {whole} bytes"
@@ -472,8 +480,9 @@ def test_fsdp_nccl_one_gpu(tmp_path):
 def test_teardown_rerun_signature_is_narrow():
     """The torchrun test reruns only a run that finished its work and then aborted in teardown."""
     from subprocess import CompletedProcess
-    done, abort = "step 1: loss 6.2\nsaved and reloaded ckpt\n", "terminate called without an active exception\n"
-    assert _aborted_in_teardown(CompletedProcess([], 1, done, abort))
-    assert not _aborted_in_teardown(CompletedProcess([], 0, done, abort))  # passed: nothing to rerun
-    assert not _aborted_in_teardown(CompletedProcess([], 1, "step 1: loss 6.2\n", abort))  # died before the end
-    assert not _aborted_in_teardown(CompletedProcess([], 1, done, "RuntimeError: shape mismatch\n"))  # another error
+    done, abort = "step 1: loss 6.2\nsaved the adapter (8 tensors)\n", "terminate called without an active exception\n"
+    last = "saved the adapter"
+    assert _aborted_in_teardown(CompletedProcess([], 1, done, abort), last)
+    assert not _aborted_in_teardown(CompletedProcess([], 0, done, abort), last)  # passed: nothing to rerun
+    assert not _aborted_in_teardown(CompletedProcess([], 1, "step 1: loss 6.2\n", abort), last)  # died before the end
+    assert not _aborted_in_teardown(CompletedProcess([], 1, done, "RuntimeError: shape mismatch\n"), last)  # another error

@@ -12,12 +12,15 @@
   a ``TrainingArguments.optim`` name, for the Trainer's ``optimizer_cls_and_kwargs`` argument.
 - ``fourbit.integrations.distributed``: ``prepare_fsdp(model)`` before FSDP2's ``fully_shard``
   (the 4-bit weights and their quantization state sharded as bytes); docs/distributed.md.
+- ``fourbit.integrations.rank0_load`` / ``rank0_save``: fill a sharded model from a checkpoint
+  that rank 0 streams; save its PEFT adapter and export its 4-bit base (bitsandbytes format)
+  with rank 0 writing, one tensor gathered at a time.
 """
 
 
 def __getattr__(name):
     # fourbit.integrations.<name> after a plain ``import fourbit``: each submodule on first use.
-    if name in ("peft", "transformers", "trainer", "hf_quantizer", "distributed"):
+    if name in ("peft", "transformers", "trainer", "hf_quantizer", "distributed", "rank0_load", "rank0_save"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -738,16 +738,25 @@ def _load_linear4bit(module: Linear4bit, name: str, kind: str, checkpoint: _Chec
 
 # ---------------------------------------------------------------------------------------- saving
 
-def quantization_options_of(model: nn.Module) -> QuantOptions:
+def quantization_options_of(model: nn.Module, module_name=None) -> QuantOptions:
     """The ``QuantOptions`` that describe a model's 4-bit layers (one format for all), with
     ``skip_modules`` listing the linear layers left in full precision (None when they are
-    exactly transformers' default skips, so the config reads as transformers writes it)."""
+    exactly transformers' default skips, so the config reads as transformers writes it).
+    Layers prepared for FSDP (``prepare_fsdp``) are described by their flat layout.
+    ``module_name(name)``: a module's name in the saved model, None to leave it out (the
+    sharded saver maps LoRA wrappers to the base model's names); default: as it is."""
+    from .distributed import flat_layout
+    rename = module_name if module_name is not None else (lambda name: name)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
     if not layers:
         raise ValueError("model has no fourbit Linear4bit layer: nothing 4-bit to save (quantize it with "
                          "fourbit.replace_linear or load it with fourbit.integrations.transformers.from_pretrained)")
     formats = {}
     for name, m in layers:
+        layout = flat_layout(m)
+        if layout is not None:
+            formats.setdefault((layout.quant_type, layout.nested, layout.quant_storage, layout.blocksize), name)
+            continue
         if not m.weight.bnb_quantized:
             raise ValueError(f"{name} is a Linear4bit whose weight is not quantized yet; quantize it first "
                              "(.to(device) or .quantize())")
@@ -763,7 +772,7 @@ def quantization_options_of(model: nn.Module) -> QuantOptions:
                          "4-bit checkpoints with blocksize 64 only")
     computes = {m.compute_dtype for _, m in layers if m.compute_dtype is not None}
     compute = computes.pop() if len(computes) == 1 else torch.float32
-    kept = sorted(n for n, m in model.named_modules() if _is_convertible(m))
+    kept = sorted(rename(n) for n, m in model.named_modules() if _is_convertible(m) and rename(n) is not None)
     skip = None
     if isinstance(model, transformers.PreTrainedModel):
         default = get_keys_to_not_convert(model)
