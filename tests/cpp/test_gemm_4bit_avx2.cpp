@@ -121,11 +121,49 @@ TEST(Avx2Kernels, DequantizeMatchesPortableBitForBit) {
             p.out = ref.data();
             with_isa(CpuIsa::Portable, [&] { fourbit::dequantize_4bit(p); });
             for (int64_t i = 0; i < numel; ++i) {
-              ASSERT_EQ(fourbit_test::bits_as(dtype, vec.value(i)), fourbit_test::bits_as(dtype, ref.value(i)))
+              ASSERT_EQ(vec.bits(i), ref.bits(i))
                   << "element " << i;
             }
           }
         }
+      }
+    }
+  }
+}
+
+// Scales whose products with the codes land on rounding edges: bf16 and fp16 ties (both
+// directions of even), values that overflow fp16, fp16 subnormals, zero, infinities and NaN.
+// Every code appears in every block.
+TEST(Avx2Kernels, DequantizeRoundsSpecialScalesLikePortable) {
+  SKIP_WITHOUT_AVX2();
+  using fourbit::detail::bits_float;
+  const std::vector<uint32_t> special_bits = {
+      0x3f808000u, 0x3f818000u, 0xbf808000u, 0x3f800000u, 0x477fe000u, 0x477ff000u, 0x47800000u,
+      0x33800000u, 0x38800000u, 0x387fc000u, 0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u,
+      0x7fc00000u, 0x7f7fffffu, 0x3f7fff80u, 0x3a8a8000u};
+  std::vector<float> scales;
+  for (uint32_t b : special_bits) scales.push_back(bits_float(b));
+  const int64_t bs = 32, numel = bs * static_cast<int64_t>(scales.size());
+  std::vector<uint8_t> packed(numel / 2);
+  for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>(i * 37 + (i >> 4));
+  for (const QuantType q : {QuantType::NF4, QuantType::FP4}) {
+    for (const DType dtype : fourbit_test::kAllDTypes) {
+      SCOPED_TRACE(::testing::Message() << "nf4=" << (q == QuantType::NF4) << " dtype=" << fourbit::to_string(dtype));
+      TypedBuffer vec(dtype, numel), ref(dtype, numel);
+      fourbit::Dequantize4bitParams p;
+      p.packed = packed.data();
+      p.scales.absmax = scales.data();
+      p.numel = numel;
+      p.blocksize = bs;
+      p.quant_type = q;
+      p.out_dtype = dtype;
+      p.out = vec.data();
+      with_isa(CpuIsa::Avx2, [&] { fourbit::dequantize_4bit(p); });
+      p.out = ref.data();
+      with_isa(CpuIsa::Portable, [&] { fourbit::dequantize_4bit(p); });
+      for (int64_t i = 0; i < numel; ++i) {
+        ASSERT_EQ(vec.bits(i), ref.bits(i))
+            << "element " << i << " scale bits " << std::hex << special_bits[i / bs];
       }
     }
   }
