@@ -11,7 +11,11 @@
 //   up-to-6 x 16 fp32 output tile lives in 12 ymm accumulators for the whole reduction,
 //   and each step loads 2 vectors of B and broadcasts one A value per row: 12 FMAs per 8
 //   loads (the classic Haswell 6 x 16 shape: 12 + 2 + 1 of the 16 ymm registers), so the
-//   two FMA ports, not the load ports, set the pace.
+//   two FMA ports, not the load ports, set the pace. 7 or 8 rows go as 4 + 3 / 4 + 4 (a
+//   2-row tile has too few FMA chains). The A value is a plain load + set1, not a
+//   broadcast from a pointer: with the pointer form GCC 12 kept the accumulator arrays in
+//   memory and stored all 12 every step (70 instead of 120-130 GFLOP/s per core on the
+//   EPYC of docs/BENCHMARKS.md, measured on the kernel alone).
 // - transpose16_words_avx2: 16 decoded weight rows -> 16 tile columns, 8 x 8 blocks
 //   transposed in registers (unpack, shuffle, 128-bit lane permute) instead of a scalar
 //   scatter that writes a cache line per element (the forward's B tile is W transposed).
@@ -24,6 +28,7 @@
 // classes take the AVX-512 kernels).
 #include "gemm_4bit_kernels.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "fourbit/detail/element_math.h"
@@ -122,7 +127,7 @@ FOURBIT_AVX2 inline void micro_tile_avx2(int64_t R, const float* A, int64_t lda,
     const __m256 b0 = _mm256_loadu_ps(B + r * ldb);
     const __m256 b1 = _mm256_loadu_ps(B + r * ldb + 8);
     for (int i = 0; i < kRows; ++i) {
-      const __m256 a = _mm256_broadcast_ss(A + i * lda + r);
+      const __m256 a = _mm256_set1_ps(A[i * lda + r]);
       c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
       c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
     }
@@ -135,10 +140,13 @@ FOURBIT_AVX2 inline void micro_tile_avx2(int64_t R, const float* A, int64_t lda,
 
 FOURBIT_AVX2 inline void micro_half_avx2(int rows, int64_t R, const float* A, int64_t lda,
                                          const float* B, int64_t ldb, float* C, int64_t ldc) {
-  for (int m = 0; m < rows; m += kAvx2TileRows) {
+  // 7 or 8 rows as 4 + 3 or 4 + 4: a 6 + 2 split leaves a 2-row tile of 4 accumulators,
+  // too few independent FMA chains to hide the FMA latency.
+  const int step = rows > kAvx2TileRows ? (rows + 1) / 2 : kAvx2TileRows;
+  for (int m = 0; m < rows; m += step) {
     const float* a = A + m * lda;
     float* c = C + m * ldc;
-    switch (rows - m) {
+    switch (std::min(step, rows - m)) {
       case 1: micro_tile_avx2<1>(R, a, lda, B, ldb, c, ldc); break;
       case 2: micro_tile_avx2<2>(R, a, lda, B, ldb, c, ldc); break;
       case 3: micro_tile_avx2<3>(R, a, lda, B, ldb, c, ldc); break;
