@@ -13,8 +13,9 @@
 //
 // Why it is fast: each 4-bit weight of a tile is decoded once per task and then reused by
 // up to a row chunk of activation rows from cache; the micro-kernel keeps its outputs in
-// registers across the whole slice (AVX-512: 16 FMAs per 10 loads; AVX2: 12 per 8). Small M (decode) takes
-// gemv_rows: each weight row decoded once, in L1-sized pieces, dotted with every row.
+// registers across the whole slice (AVX-512: 16 FMAs per 10 loads; AVX2: 12 per 8). Small
+// M (decode) takes gemv_rows: each weight row decoded once, in L1-sized pieces, dotted with
+// every row.
 //
 // bf16 activations on CPUs with AVX512_BF16 take a twin built on bf16 dot products: the
 // weight decoded to bf16 (exactly dequantize_4bit's bf16 values), products in fp32.
