@@ -22,11 +22,14 @@ else
   echo "kernel lint: no nvcc on this machine, not run"
 fi
 
-echo "== C++ core: ctest under AddressSanitizer + UndefinedBehaviorSanitizer (portable path, no AVX-512 or AMX)"
+echo "== C++ core: ctest under AddressSanitizer + UndefinedBehaviorSanitizer (portable path, no AVX2, AVX-512 or AMX)"
 cmake -S . -B build-ci/asan -G Ninja -DFOURBIT_CUDA=OFF -DCMAKE_BUILD_TYPE=Debug \
   -DFOURBIT_SANITIZE=address,undefined >/dev/null
 cmake --build build-ci/asan -j "$JOBS"
-FOURBIT_DISABLE_AVX512=1 FOURBIT_DISABLE_AMX=1 ctest --test-dir build-ci/asan --output-on-failure
+FOURBIT_DISABLE_AVX2=1 FOURBIT_DISABLE_AVX512=1 FOURBIT_DISABLE_AMX=1 ctest --test-dir build-ci/asan --output-on-failure
+echo "== C++ core: the 4-bit kernels' suites again, on the AVX2 class (where the CPU has AVX2; no AVX-512 or AMX)"
+FOURBIT_DISABLE_AVX512=1 FOURBIT_DISABLE_AMX=1 ctest --test-dir build-ci/asan --output-on-failure \
+  -R 'GemmGrid|Gemm4bit\.|LoraGrid|Lora4bit\.|Dequantize4bit\.|TilePath\.|CpuIsa\.|CpuFeatures\.'
 echo "== C++ core: the same, with the AVX-512 kernels (where the CPU has them)"
 ctest --test-dir build-ci/asan --output-on-failure
 

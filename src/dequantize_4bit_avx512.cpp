@@ -11,6 +11,8 @@
 // -mavx512 flags), and called only after a runtime CPU check.
 #include "dequantize_4bit_avx512.h"
 
+#include "fourbit/cpu_features.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -28,17 +30,11 @@ namespace detail {
 
 #ifdef FOURBIT_HAVE_AVX512_PATH
 
-bool cpu_has_avx512bw() {
-  // FOURBIT_DISABLE_AVX512=1 forces the portable path (the tests run both).
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          std::getenv("FOURBIT_DISABLE_AVX512") == nullptr;
-  return has;
-}
+// Both follow the ISA class (src/gemm_4bit_tiles.cpp), so FOURBIT_DISABLE_AVX512=1 and
+// FOURBIT_DISABLE_AVX2=1 turn them off.
+bool cpu_has_avx512bw() { return cpu_isa() >= CpuIsa::Avx512; }
 
-bool cpu_has_avx512bf16() {
-  static const bool has = cpu_has_avx512bw() && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
+bool cpu_has_avx512bf16() { return cpu_isa() >= CpuIsa::Avx512Bf16; }
 
 namespace {
 
@@ -97,8 +93,8 @@ FOURBIT_AVX512 int64_t dequantize_blocks_avx512(const uint8_t* packed, int64_t l
 
 #else  // not x86-64 with GCC/Clang: no vector path
 
-bool cpu_has_avx512bw() { return false; }
-bool cpu_has_avx512bf16() { return false; }
+bool cpu_has_avx512bw() { return cpu_isa() >= CpuIsa::Avx512; }
+bool cpu_has_avx512bf16() { return cpu_isa() >= CpuIsa::Avx512Bf16; }
 int64_t dequantize_blocks_avx512(const uint8_t*, int64_t, int64_t, const float*, const float*,
                                  DType, void*) {
   return 0;

@@ -8,7 +8,8 @@
 namespace fourbit {
 namespace detail {
 
-// True if this CPU has AVX-512 F + BW and FOURBIT_DISABLE_AVX512 is unset (checked once).
+// True if cpu_isa() >= CpuIsa::Avx512: the CPU has AVX-512 F + BW and neither
+// FOURBIT_DISABLE_AVX512 nor FOURBIT_DISABLE_AVX2 turns it off (checked once).
 bool cpu_has_avx512bw();
 
 // True if cpu_has_avx512bw() and the CPU has AVX512_BF16 (bf16 dot products; checked once).

@@ -9,6 +9,9 @@
 // entry points. Accumulation is fp32 throughout; bias is added in fp32 and the result
 // rounded once to the output dtype.
 //
+// The inner kernels come in three flavours picked per call from kernel_isa(): portable
+// scalar loops, AVX2 + FMA (src/gemm_4bit_avx2.cpp) and AVX-512 (src/gemm_4bit_avx512.cpp).
+//
 // bf16 activations on CPUs with AVX512_BF16 take a twin of both paths built on bf16 dot
 // products: the weight is decoded to bf16 (exactly dequantize_4bit's bf16 values, as
 // bitsandbytes and torch would multiply them) and products accumulate in fp32. Other
@@ -25,18 +28,24 @@
 #include "fourbit/gemm.h"
 #include "gemm_4bit_driver.h"
 #include "gemm_4bit_kernels.h"
+#include "kernel_isa.h"
 
 namespace fourbit {
 namespace detail {
 
 namespace {
 
+// A vector decoder of whole 32-element chunks (g % 32 == 0, len % 32 == 0).
+template <typename Out>
+using DecodeAlignedFn = void (*)(const Weight4bit&, const float*, int64_t, int64_t, Out*);
+
 // Decodes [g, g + len) of the weight into `out`: scalar up to the first 32-element
-// boundary and for the ragged end, `decode_aligned` (AVX-512) for whole 32-element chunks.
-// `convert` turns the fp32 weight code * scale into the output element.
-template <typename Out, typename Convert, typename DecodeAligned>
+// boundary and for the ragged end, `decode_aligned` (AVX2 or AVX-512; null: none on this
+// CPU) for whole 32-element chunks. `convert` turns the fp32 weight code * scale into the
+// output element.
+template <typename Out, typename Convert>
 void decode_span(const Weight4bit& w, const float* code, int64_t g, int64_t len, Out* out,
-                 const Convert& convert, const DecodeAligned& decode_aligned) {
+                 const Convert& convert, DecodeAlignedFn<Out> decode_aligned) {
   int64_t i = 0;
   auto scalar_until = [&](int64_t end) {
     int64_t current_block = -1;
@@ -52,7 +61,7 @@ void decode_span(const Weight4bit& w, const float* code, int64_t g, int64_t len,
       out[i] = convert(dequant_value(code[nibble_of(byte, e)], scale));
     }
   };
-  if (cpu_has_avx512bw()) {
+  if (decode_aligned != nullptr) {
     scalar_until(std::min(len, (32 - g % 32) % 32));
     const int64_t body = (len - i) / 32 * 32;
     if (body > 0) {
@@ -67,18 +76,30 @@ void decode_span(const Weight4bit& w, const float* code, int64_t g, int64_t len,
 
 void decode_weight_span(const Weight4bit& w, const float* code, int64_t g, int64_t len,
                         float* out) {
-  decode_span(w, code, g, len, out, [](float v) { return v; }, decode_aligned_avx512);
+  const CpuIsa isa = kernel_isa();
+  const DecodeAlignedFn<float> aligned = isa >= CpuIsa::Avx512 ? decode_aligned_avx512
+                                         : isa == CpuIsa::Avx2 ? decode_aligned_avx2
+                                                               : nullptr;
+  decode_span(w, code, g, len, out, [](float v) { return v; }, aligned);
 }
 
 void decode_weight_span_bf16(const Weight4bit& w, const float* code, int64_t g, int64_t len,
                              uint16_t* out) {
-  decode_span(w, code, g, len, out, float_to_bf16, decode_aligned_bf16_avx512);
+  // bf16 decode runs on the AVX512_BF16 paths and in the tile tests: no AVX2 flavour.
+  const DecodeAlignedFn<uint16_t> aligned =
+      kernel_isa() >= CpuIsa::Avx512 ? decode_aligned_bf16_avx512 : nullptr;
+  decode_span(w, code, g, len, out, float_to_bf16, aligned);
 }
 
 void micro_kernel(int rows, int64_t R, const float* A, int64_t lda, const float* B, int64_t ldb,
                   float* C, int64_t ldc) {
-  if (cpu_has_avx512bw()) {
+  const CpuIsa isa = kernel_isa();
+  if (isa >= CpuIsa::Avx512) {
     micro_kernel_avx512(rows, R, A, lda, B, ldb, C, ldc);
+    return;
+  }
+  if (isa == CpuIsa::Avx2) {
+    micro_kernel_avx2(rows, R, A, lda, B, ldb, C, ldc);
     return;
   }
   for (int i = 0; i < rows; ++i) {
@@ -92,8 +113,13 @@ void micro_kernel(int rows, int64_t R, const float* A, int64_t lda, const float*
 }
 
 void dot_rows(int rows, int64_t len, const float* x, int64_t ldx, const float* w, float* acc) {
-  if (cpu_has_avx512bw()) {
+  const CpuIsa isa = kernel_isa();
+  if (isa >= CpuIsa::Avx512) {
     dot_rows_avx512(rows, len, x, ldx, w, acc);
+    return;
+  }
+  if (isa == CpuIsa::Avx2) {
+    dot_rows_avx2(rows, len, x, ldx, w, acc);
     return;
   }
   for (int m = 0; m < rows; ++m) {

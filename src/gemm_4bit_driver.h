@@ -13,8 +13,9 @@
 //
 // Why it is fast: each 4-bit weight of a tile is decoded once per task and then reused by
 // up to a row chunk of activation rows from cache; the micro-kernel keeps its outputs in
-// registers across the whole slice (AVX-512: 16 FMAs per 10 loads). Small M (decode) takes
-// gemv_rows: each weight row decoded once, in L1-sized pieces, dotted with every row.
+// registers across the whole slice (AVX-512: 16 FMAs per 10 loads; AVX2: 12 per 8). Small
+// M (decode) takes gemv_rows: each weight row decoded once, in L1-sized pieces, dotted with
+// every row.
 //
 // bf16 activations on CPUs with AVX512_BF16 take a twin built on bf16 dot products: the
 // weight decoded to bf16 (exactly dequantize_4bit's bf16 values), products in fp32.
@@ -35,6 +36,7 @@
 #include "fourbit/gemm.h"
 #include "gemm_4bit_kernels.h"
 #include "gemm_4bit_tiles.h"
+#include "kernel_isa.h"
 
 namespace fourbit {
 namespace detail {
@@ -48,7 +50,8 @@ namespace detail {
 constexpr int64_t kGemvMaxRows = 8;
 template <typename T>
 int64_t gemv_max_rows() {
-  return std::is_same<T, BFloat16>::value && cpu_has_avx512bf16() ? 4 : kGemvMaxRows;
+  return std::is_same<T, BFloat16>::value && kernel_isa() >= CpuIsa::Avx512Bf16 ? 4
+                                                                               : kGemvMaxRows;
 }
 // Weight rows the forward tile fill decodes before transposing them: 16 floats = one
 // 64-byte line of a tile row.
@@ -148,7 +151,7 @@ struct StoreTile {
       const float* row = acc + i * t.ld;
       int64_t j = 0;
       if constexpr (std::is_same<T, BFloat16>::value) {
-        if (cpu_has_avx512bw()) {
+        if (kernel_isa() >= CpuIsa::Avx512) {
           const Bf16Bits* b = bias ? reinterpret_cast<const Bf16Bits*>(bias + t.c0) : nullptr;
           j = store_row_bf16_avx512(row, b, t.clen, reinterpret_cast<Bf16Bits*>(out));
         }
@@ -234,9 +237,9 @@ struct Bf16Micro {
   Bf16MicroFn fn;
 };
 constexpr MicroShape kAmxMicro{kAmxMicroRows, kAmxMicroCols};
-// The bf16 products' kernel on this CPU: AMX tiles where cpu_isa() is Amx, else AVX-512.
+// The bf16 products' kernel on this CPU: AMX tiles where kernel_isa() is Amx, else AVX-512.
 inline Bf16Micro bf16_micro() {
-  if (cpu_isa() == CpuIsa::Amx) return {kAmxMicro, micro_kernel_bf16_amx};
+  if (kernel_isa() == CpuIsa::Amx) return {kAmxMicro, micro_kernel_bf16_amx};
   return {kBf16Micro, micro_kernel_bf16_avx512};
 }
 
@@ -295,14 +298,19 @@ void blocked_product_bf16(const BFloat16* A, int64_t M, int64_t R, int64_t cols,
 inline void fill_forward_fp32(const Weight4bit& w, const float* code, int64_t r0, int64_t rlen,
                               int64_t c0, int64_t clen, float* tile, int64_t ld) {
   float rows[kTransposeRows][kRedTile];
+  const CpuIsa isa = kernel_isa();
   for (int64_t j0 = 0; j0 < clen; j0 += kTransposeRows) {
     const int64_t group = std::min(kTransposeRows, clen - j0);
     for (int64_t jj = 0; jj < group; ++jj) {
       decode_weight_span(w, code, (c0 + j0 + jj) * w.K + r0, rlen, rows[jj]);
     }
-    if (group == kTransposeRows && cpu_has_avx512bw()) {
-      transpose16_words_avx512(rows, sizeof(rows[0]), rlen, reinterpret_cast<uint32_t*>(tile + j0),
-                               ld);
+    if (group == kTransposeRows && isa >= CpuIsa::Avx2) {
+      uint32_t* dst = reinterpret_cast<uint32_t*>(tile + j0);
+      if (isa >= CpuIsa::Avx512) {
+        transpose16_words_avx512(rows, sizeof(rows[0]), rlen, dst, ld);
+      } else {
+        transpose16_words_avx2(rows, sizeof(rows[0]), rlen, dst, ld);
+      }
       continue;
     }
     for (int64_t r = 0; r < rlen; ++r) {
@@ -410,7 +418,7 @@ template <typename T, typename Extra>
 void gemv_forward(const Weight4bit& w, const float* code, const T* x, int64_t M, T* y,
                   const Extra& extra) {
   if constexpr (std::is_same<T, BFloat16>::value) {
-    if (cpu_has_avx512bf16()) {
+    if (kernel_isa() >= CpuIsa::Avx512Bf16) {
       auto decode = [&](int64_t g, int64_t len, Bf16Bits* out) {
         decode_weight_span_bf16(w, code, g, len, out);
       };
@@ -439,7 +447,7 @@ template <typename T, typename Finish>
 void blocked_forward(const Weight4bit& w, const float* code, const T* x, int64_t M,
                      const Finish& finish, int64_t extra_flops = 0) {
   if constexpr (std::is_same<T, BFloat16>::value) {
-    if (cpu_has_avx512bf16()) {
+    if (kernel_isa() >= CpuIsa::Avx512Bf16) {
       auto fill = [&](int64_t r0, int64_t rlen, int64_t c0, int64_t clen, uint32_t* tile,
                       int64_t ld) { fill_forward_bf16(w, code, r0, rlen, c0, clen, tile, ld); };
       blocked_product_bf16(x, M, w.K, w.N, fill, finish, extra_flops);
@@ -457,7 +465,7 @@ template <typename T, typename Finish>
 void blocked_grad_input(const Weight4bit& w, const float* code, const T* dy, int64_t M,
                         const Finish& finish, int64_t extra_flops = 0) {
   if constexpr (std::is_same<T, BFloat16>::value) {
-    if (cpu_has_avx512bf16()) {
+    if (kernel_isa() >= CpuIsa::Avx512Bf16) {
       auto fill = [&](int64_t r0, int64_t rlen, int64_t c0, int64_t clen, uint32_t* tile,
                       int64_t ld) { fill_grad_input_bf16(w, code, r0, rlen, c0, clen, tile, ld); };
       blocked_product_bf16(dy, M, w.N, w.K, fill, finish, extra_flops);

@@ -1,6 +1,6 @@
 // Inner kernels of the CPU 4-bit matmul (src/gemm_4bit.cpp): weight decode, the register
-// micro-kernel and the gemv dot products, each in a portable and an AVX-512 flavour.
-// Internal header.
+// micro-kernel and the gemv dot products, each in a portable, an AVX2 and an AVX-512
+// flavour (picked per call from kernel_isa(), src/kernel_isa.h). Internal header.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +32,17 @@ void micro_kernel(int rows, int64_t R, const float* A, int64_t lda, const float*
 
 // acc[m] += dot(x[m * ldx .. + len], w[0 .. len]) for m < rows.
 void dot_rows(int rows, int64_t len, const float* x, int64_t ldx, const float* w, float* acc);
+
+// AVX2 + FMA versions (src/gemm_4bit_avx2.cpp; call only where kernel_isa() >= Avx2), with
+// the contracts of the AVX-512 ones below. decode_aligned_avx2 needs g % 32 == 0 and
+// len % 32 == 0.
+void decode_aligned_avx2(const Weight4bit& w, const float* code, int64_t g, int64_t len,
+                         float* out);
+void micro_kernel_avx2(int rows, int64_t R, const float* A, int64_t lda, const float* B,
+                       int64_t ldb, float* C, int64_t ldc);
+void dot_rows_avx2(int rows, int64_t len, const float* x, int64_t ldx, const float* w, float* acc);
+void transpose16_words_avx2(const void* rows, int64_t row_stride_bytes, int64_t words,
+                            uint32_t* dst, int64_t ld);
 
 // AVX-512 versions (call only when cpu_has_avx512bw()). decode_aligned_avx512 needs
 // g % 32 == 0 and len % 32 == 0.

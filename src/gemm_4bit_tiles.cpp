@@ -1,5 +1,6 @@
 // The portable half of the CPU matmul's AMX tile path (the kernel itself is
-// src/gemm_4bit_amx.cpp): run-time ISA detection (cpu_isa), Linux's AMX permission, the
+// src/gemm_4bit_amx.cpp): run-time ISA detection (cpu_isa, kernel_isa and the
+// FOURBIT_DISABLE_* switches), Linux's AMX permission, the
 // scalar model of TDPBF16PS, the portable fills of the VNNI B tile, and the bf16 products
 // through the tile micro-kernel (AMX, or the scalar model for the tests).
 //
@@ -7,6 +8,7 @@
 // 32-bit words, low half the even reduction row, 16 output columns per 64-byte tile row;
 // the fills here write exactly the bytes of the AVX-512 fills of gemm_4bit_driver.h (the
 // tests compare them), so the tile path is tested end to end on any CPU.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -28,19 +30,11 @@
 #include "fourbit/error.h"
 #include "gemm_4bit_driver.h"
 #include "gemm_4bit_tiles.h"
+#include "kernel_isa.h"
 
 namespace fourbit {
 
 namespace {
-
-// FOURBIT_DISABLE_AMX: unset or "0" keeps AMX, "1" turns it off; anything else is an error.
-bool amx_disabled_by_env() {
-  const char* v = std::getenv("FOURBIT_DISABLE_AMX");
-  if (v == nullptr || std::strcmp(v, "0") == 0 || v[0] == '\0') return false;
-  FOURBIT_CHECK_ARG(std::strcmp(v, "1") == 0, "FOURBIT_DISABLE_AMX must be 0 or 1, got '", v,
-                    "'");
-  return true;
-}
 
 #ifdef FOURBIT_X86
 // CPUID.(EAX=7, ECX=0):EDX bits of AMX.
@@ -80,23 +74,33 @@ bool cpu_has_amx_hardware() {
 
 CpuIsa cpu_isa() {
   static const CpuIsa isa = [] {
-    // The switch is read (and validated) even where there is no AMX, so a typo fails
-    // on every machine, not only on the AMX ones.
-    const bool amx_off = amx_disabled_by_env();
-    if (detail::cpu_has_avx512bf16()) {
+    // The switches are read (and validated) even where the CPU lacks the feature, so a typo
+    // fails on every machine, not only on the ones that have it. FOURBIT_DISABLE_AVX512 keeps
+    // its older rule (set at all: off) that src/optim_adamw.cpp shares.
+    const bool avx2_off = detail::disable_switch("FOURBIT_DISABLE_AVX2");
+    const bool amx_off = detail::disable_switch("FOURBIT_DISABLE_AMX");
 #ifdef FOURBIT_X86
-      if (!amx_off && detail::amx_kernel_compiled() && cpu_has_amx_hardware() &&
-          os_saves_tiles() && detail::amx_request_permission()) {
-        return CpuIsa::Amx;
-      }
-#endif
-      return CpuIsa::Avx512Bf16;
+    // Every class from Avx2 up runs the AVX2 + FMA (+ F16C) kernels where it has nothing
+    // better, so each needs them; FOURBIT_DISABLE_AVX2=1 leaves the portable kernels only.
+    if (avx2_off || !__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
+        !__builtin_cpu_supports("f16c")) {
+      return CpuIsa::Portable;
     }
-    if (detail::cpu_has_avx512bw()) return CpuIsa::Avx512;
-#ifdef FOURBIT_X86
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::Avx2;
-#endif
+    if (std::getenv("FOURBIT_DISABLE_AVX512") != nullptr || !__builtin_cpu_supports("avx512f") ||
+        !__builtin_cpu_supports("avx512bw")) {
+      return CpuIsa::Avx2;
+    }
+    if (!__builtin_cpu_supports("avx512bf16")) return CpuIsa::Avx512;
+    if (!amx_off && detail::amx_kernel_compiled() && cpu_has_amx_hardware() && os_saves_tiles() &&
+        detail::amx_request_permission()) {
+      return CpuIsa::Amx;
+    }
+    return CpuIsa::Avx512Bf16;
+#else
+    (void)avx2_off;
+    (void)amx_off;
     return CpuIsa::Portable;
+#endif
   }();
   return isa;
 }
@@ -127,6 +131,29 @@ std::string cpu_model_name() {
 }
 
 namespace detail {
+
+bool disable_switch(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return false;
+  FOURBIT_CHECK_ARG(std::strcmp(v, "1") == 0, name, " must be 0 or 1, got '", v, "'");
+  return true;
+}
+
+namespace {
+// The cap of the innermost live KernelIsaCap; above every class when there is none.
+std::atomic<int> kernel_isa_cap{static_cast<int>(CpuIsa::Amx)};
+}  // namespace
+
+CpuIsa kernel_isa() {
+  const CpuIsa isa = cpu_isa();
+  const int cap = kernel_isa_cap.load(std::memory_order_relaxed);
+  return static_cast<int>(isa) <= cap ? isa : static_cast<CpuIsa>(cap);
+}
+
+KernelIsaCap::KernelIsaCap(CpuIsa cap)
+    : previous_(kernel_isa_cap.exchange(static_cast<int>(cap), std::memory_order_relaxed)) {}
+
+KernelIsaCap::~KernelIsaCap() { kernel_isa_cap.store(previous_, std::memory_order_relaxed); }
 
 bool amx_request_permission() {
 #if defined(__linux__) && defined(FOURBIT_X86)

@@ -12,12 +12,14 @@
 #include <algorithm>
 #include <cmath>
 
+#include "dequantize_4bit_avx2.h"
 #include "dequantize_4bit_avx512.h"
 #include "element_io.h"
 #include "fourbit/codebook.h"
 #include "fourbit/detail/element_math.h"
 #include "fourbit/error.h"
 #include "fourbit/quantize.h"
+#include "kernel_isa.h"
 
 namespace fourbit {
 namespace {
@@ -97,7 +99,7 @@ void dequantize_4bit_typed(const Dequantize4bitParams& p) {
   const float* code = codebook_4bit(p.quant_type).data();
   const int64_t blocks = num_blocks(p.numel, p.blocksize);
   const int64_t tasks = (blocks + kBlocksPerTask - 1) / kBlocksPerTask;
-  const bool use_avx512 = detail::cpu_has_avx512bw();
+  const CpuIsa isa = detail::kernel_isa();
 #pragma omp parallel for schedule(static) if (p.numel >= kParallelMinElements)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t first_block = task * kBlocksPerTask;
@@ -108,12 +110,15 @@ void dequantize_4bit_typed(const Dequantize4bitParams& p) {
     const int64_t len = std::min(n_blocks * p.blocksize, p.numel - start);
     const uint8_t* bytes = p.packed + start / 2;
     T* dst = out + start;
-    // Whole 32-element chunks take the vector path where the CPU has one; the rest (all of
-    // it without AVX-512, else at most the ragged end of a partial last block) uses a
-    // per-block table of the 16 finished output values.
-    int64_t done = use_avx512 ? detail::dequantize_blocks_avx512(bytes, len, p.blocksize, scales,
-                                                                  code, p.out_dtype, dst)
-                              : 0;
+    // Whole 32-element chunks take the vector path where the CPU has one (AVX-512, else
+    // AVX2); the rest (all of it on the portable path, else at most the ragged end of a
+    // partial last block) uses a per-block table of the 16 finished output values.
+    int64_t done = 0;
+    if (isa >= CpuIsa::Avx512) {
+      done = detail::dequantize_blocks_avx512(bytes, len, p.blocksize, scales, code, p.out_dtype, dst);
+    } else if (isa == CpuIsa::Avx2) {
+      done = detail::dequantize_blocks_avx2(bytes, len, p.blocksize, scales, code, p.out_dtype, dst);
+    }
     while (done < len) {
       const int64_t b = done >> detail::log2_pow2(p.blocksize);
       const int64_t block_end = std::min((b + 1) * p.blocksize, len);

@@ -2,9 +2,10 @@
 //
 // The ISA class orders the CPU's matrix units from weakest to strongest; the 4-bit matmul's
 // kernels and the torch binding's dispatch (src/torch/cpu_dispatch.cpp) key on it.
-// FOURBIT_DISABLE_AVX512=1 and FOURBIT_DISABLE_AMX=1 lower it (the tests force the
-// portable paths that way); any other value than "0" or "1" is an InvalidArgument Error
-// naming the variable and the value.
+// FOURBIT_DISABLE_AVX2=1 lowers it to Portable, FOURBIT_DISABLE_AVX512 (set at all) to at
+// most Avx2, FOURBIT_DISABLE_AMX=1 to at most Avx512Bf16 (the tests force each path that
+// way). For FOURBIT_DISABLE_AVX2 and FOURBIT_DISABLE_AMX any other value than "0", "1" or
+// empty is an InvalidArgument Error naming the variable and the value.
 #pragma once
 
 #include <string>
@@ -12,8 +13,8 @@
 namespace fourbit {
 
 enum class CpuIsa : int {
-  Portable = 0,    // no AVX2: scalar kernels
-  Avx2 = 1,        // AVX2 + FMA (the core's kernels are portable here; oneDNN is not)
+  Portable = 0,    // no AVX2 (or FOURBIT_DISABLE_AVX2=1): scalar kernels
+  Avx2 = 1,        // AVX2 + FMA + F16C: the core's fp32 AVX2 kernels (src/gemm_4bit_avx2.cpp)
   Avx512 = 2,      // AVX-512 F + BW: the core's fp32 vector kernels
   Avx512Bf16 = 3,  // + AVX512_BF16: bf16 dot products (vdpbf16ps)
   Amx = 4,         // + AMX-TILE and AMX-BF16, with the OS's permission to use tile data

@@ -431,7 +431,7 @@ void log_choice(const std::string& key, const Choice& ch) {
 }
 
 bool choose(const ShapeClass& c, const Weight4bit& weight, Caller caller) {
-  run_core([] { (void)cpu_isa(); });  // a bad FOURBIT_DISABLE_AMX is a ValueError here
+  run_core([] { (void)cpu_isa(); });  // a bad FOURBIT_DISABLE_AMX/_AVX2 is a ValueError here
   const Mode mode = read_mode();
   const bool log = read_log();
   State& st = state();
@@ -504,7 +504,7 @@ bool cpu_lora_backward_uses_blas(DType dtype, at::ScalarType scalar, int64_t M,
 }
 
 bool cpu_lora_backward_without_base_uses_blas(DType dtype, int64_t M) {
-  run_core([] { (void)cpu_isa(); });  // a bad FOURBIT_DISABLE_AMX is a ValueError here
+  run_core([] { (void)cpu_isa(); });  // a bad FOURBIT_DISABLE_AMX/_AVX2 is a ValueError here
   const Mode mode = read_mode();
   const bool blas = dtype != DType::Float16 &&
                     (mode == Mode::Fused || mode == Mode::Blas ? mode == Mode::Blas

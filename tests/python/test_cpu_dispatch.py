@@ -172,7 +172,8 @@ def test_no_measurement_while_tracing_with_fake_tensors(tmp_path):
     assert out == {"traced": 0, "ran": 1}
 
 
-def test_bad_disable_amx_value_is_a_value_error(tmp_path):
+@pytest.mark.parametrize("var", ["FOURBIT_DISABLE_AMX", "FOURBIT_DISABLE_AVX2"])
+def test_bad_disable_switch_value_is_a_value_error(tmp_path, var):
     script = textwrap.dedent("""
         import torch, fourbit, fourbit.functional as F
         q, qs = F.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type="nf4")
@@ -181,9 +182,51 @@ def test_bad_disable_amx_value_is_a_value_error(tmp_path):
         except ValueError as e:
             print("ValueError:", e)
     """)
-    e = dict(os.environ, FOURBIT_DISABLE_AMX="yes")
+    e = dict(os.environ, **{var: "yes"})
     r = subprocess.run([sys.executable, "-c", script], env=e, capture_output=True, text=True, timeout=120)
-    assert "ValueError:" in r.stdout and "FOURBIT_DISABLE_AMX" in r.stdout and "'yes'" in r.stdout, r.stdout + r.stderr
+    assert "ValueError:" in r.stdout and var in r.stdout and "'yes'" in r.stdout, r.stdout + r.stderr
+
+
+def cpu_flags():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# The switches choose the kernels' ISA class (cpu_matmul_info's "isa"), and every class's
+# fused kernels agree with dequantize + matmul in fp32 (forward and input gradient, nested
+# FP4, a ragged shape that takes both the gemv and the blocked paths).
+@pytest.mark.parametrize("switches, isa", [({"FOURBIT_DISABLE_AVX512": "1"}, "avx2"),
+                                           ({"FOURBIT_DISABLE_AVX2": "1"}, "portable")])
+def test_disable_switches_pick_the_class_and_its_kernels_agree(switches, isa):
+    if isa == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX2 + FMA + F16C")
+    script = textwrap.dedent("""
+        import json, torch, fourbit, fourbit.functional as F
+        torch.manual_seed(0)
+        w = torch.randn(70, 131)
+        q, qs = F.quantize_4bit(w, blocksize=32, compress_statistics=True, quant_type="fp4")
+        deq = F.dequantize_4bit(q, qs).float()
+        worst = 0.0
+        for m in (1, 3, 33):
+            x = torch.randn(m, 131, requires_grad=True)
+            y = fourbit.matmul_4bit(x, q.t(), qs)
+            y.backward(torch.ones_like(y))
+            ref = x.detach() @ deq.t()
+            worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item(),
+                        ((x.grad - deq.sum(0)).abs().max() / deq.sum(0).abs().max()).item())
+        print(json.dumps({"isa": json.loads(torch.ops.fourbit.cpu_matmul_info())["isa"], "worst": worst}))
+    """)
+    e = dict(os.environ, FOURBIT_CPU_MATMUL="fused", **switches)
+    r = subprocess.run([sys.executable, "-c", script], env=e, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["isa"] == isa
+    assert out["worst"] < 1e-5, out
 
 
 @pytest.mark.parametrize("mode", ["auto", "static", "fused", "blas"])

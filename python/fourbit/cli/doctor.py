@@ -61,9 +61,13 @@ def cpu_checks() -> list[Check]:
     except OSError:
         pass
     capability = torch.backends.cpu.get_cpu_capability()
-    out = [Check("CPU vector unit", "PASS" if "avx512f" in flags or capability.startswith("AVX512") else "WARN",
-                 f"torch capability {capability}; avx512f {'yes' if 'avx512f' in flags else 'no'}",
-                 "" if "avx512f" in flags else "fourbit's CPU kernels run, slower, without AVX-512")]
+    avx512 = "avx512f" in flags
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    out = [Check("CPU vector unit", "PASS" if avx512 or avx2 or capability.startswith("AVX512") else "WARN",
+                 f"torch capability {capability}; avx512f {'yes' if avx512 else 'no'}, "
+                 f"avx2+fma+f16c {'yes' if avx2 else 'no'}",
+                 "" if avx512 else "fourbit's 4-bit CPU kernels use AVX2 + FMA here (AVX-512 ones are faster)"
+                 if avx2 else "no AVX2: fourbit's 4-bit CPU kernels are the portable scalar ones (slow)")]
     bf16 = "avx512_bf16" in flags
     out.append(Check("CPU bf16 (AVX512_BF16)", "PASS" if bf16 else "WARN",
                      "avx512_bf16 present" if bf16 else "no avx512_bf16 flag",
@@ -71,6 +75,16 @@ def cpu_checks() -> list[Check]:
     out.append(openmp_wait_check(torch.get_num_threads(), os.cpu_count() or 1))
     out.append(cpu_matmul_check())
     return out
+
+
+# The fused 4-bit kernels each ISA class of fourbit.cpu_isa runs (src/kernel_isa.h).
+ISA_KERNELS = {
+    "portable": "scalar kernels",
+    "avx2": "AVX2 + FMA kernels",
+    "avx512": "AVX-512 kernels",
+    "avx512_bf16": "AVX-512 kernels, bf16 dot products",
+    "amx": "AVX-512 kernels, AMX tiles for bf16 blocked products",
+}
 
 
 def cpu_matmul_check() -> Check:
@@ -94,7 +108,7 @@ def cpu_matmul_check() -> Check:
             cached = sum(k.startswith(info["machine_key"] + "||") for k in entries)
         except (OSError, ValueError, AttributeError):
             cached = -1
-    found = (f"ISA class {info['isa']}, {info['threads']} threads, FOURBIT_CPU_MATMUL={info['mode']}; "
+    found = (f"ISA class {info['isa']} ({ISA_KERNELS.get(info['isa'], 'unknown')}), {info['threads']} threads, FOURBIT_CPU_MATMUL={info['mode']}; "
              + {"auto": f"measured per shape class, {'corrupt cache' if cached < 0 else f'{cached} cached'} "
                         f"in {info['cache_file'] or '(no cache directory)'}",
                 "static": f"fixed rule: dequantize + GEMM from M = {info['static_blas_min_rows']}",
@@ -102,6 +116,9 @@ def cpu_matmul_check() -> Check:
     if info["amx_hardware"] and info["isa"] != "amx":
         return Check("CPU matmul dispatch", "WARN", found + "; the CPU has AMX but fourbit does not use it",
                      "unset FOURBIT_DISABLE_AMX; on Linux < 5.16 the kernel cannot grant AMX tile data")
+    if info["isa"] == "portable" and os.environ.get("FOURBIT_DISABLE_AVX2") == "1":
+        return Check("CPU matmul dispatch", "WARN", found + "; FOURBIT_DISABLE_AVX2=1 forces the scalar kernels",
+                     "unset FOURBIT_DISABLE_AVX2 (it is for tests)")
     return Check("CPU matmul dispatch", "PASS", found)
 
 
