@@ -98,4 +98,43 @@ struct QuantizedWeight {
   }
 };
 
+// One-hot activations pick out single weights: row m of x is 1 at column (13 m) % K and row m
+// of dy is 1 at column (7 m) % N, so gemm_4bit and gemm_4bit_grad_input must return decoded
+// weights rounded to `dtype`, bit for bit (any indexing mix-up is a wrong value, not noise).
+inline void expect_one_hot_products_exact(const QuantizedWeight& w, fourbit::DType dtype, int64_t M) {
+  const int64_t N = w.N, K = w.K;
+  std::vector<float> x(M * K, 0.0f), dy(M * N, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    x[m * K + (m * 13) % K] = 1.0f;
+    dy[m * N + (m * 7) % N] = 1.0f;
+  }
+  const TypedBuffer xb = TypedBuffer::from_floats(dtype, x);
+  const TypedBuffer dyb = TypedBuffer::from_floats(dtype, dy);
+  TypedBuffer y(dtype, M * N), dx(dtype, M * K);
+  fourbit::Gemm4bitParams p;
+  p.weight = w.view();
+  p.x = xb.data();
+  p.y = y.data();
+  p.M = M;
+  p.dtype = dtype;
+  fourbit::gemm_4bit(p);
+  fourbit::Gemm4bitGradInputParams g;
+  g.weight = w.view();
+  g.grad_output = dyb.data();
+  g.grad_input = dx.data();
+  g.M = M;
+  g.dtype = dtype;
+  fourbit::gemm_4bit_grad_input(g);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      const float want = round_to(dtype, w.dequantized[n * K + (m * 13) % K]);
+      ASSERT_EQ(y.value(m * N + n), want) << "m=" << m << " n=" << n;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float want = round_to(dtype, w.dequantized[((m * 7) % N) * K + k]);
+      ASSERT_EQ(dx.value(m * K + k), want) << "m=" << m << " k=" << k;
+    }
+  }
+}
+
 }  // namespace fourbit_test

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from fourbit.cli._common import _status_kib
 from fourbit.integrations.distributed import flat_layout, prepare_fsdp
 from fourbit.nn import Linear4bit, LoraLinear4bit
 
@@ -109,14 +110,6 @@ def _sharded_meta(cfg, ws):
         fully_shard(b, mesh=mesh)
     fully_shard(net, mesh=mesh)
     return net
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/self/status")
 
 
 def _check_equal(net, ref, cfg, what):

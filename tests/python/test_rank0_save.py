@@ -31,6 +31,7 @@ pytest.importorskip("peft")
 
 import fourbit  # noqa: E402
 import fourbit.integrations.peft  # noqa: E402,F401  (PEFT's LoRA on fourbit layers)
+from fourbit.cli._common import _status_kib  # noqa: E402
 from fourbit.integrations.distributed import prepare_fsdp  # noqa: E402
 
 from _dist_helpers import spawn  # noqa: E402
@@ -159,14 +160,6 @@ def test_save_quantized_matches_single_process(tmp_path):
             # same dequantized weights; the matmuls sum in another order
             err = (bnb(input_ids=_ids(TINY)).logits.float() - expected).abs().max().item()
             assert err <= 1e-4 * expected.abs().max().item(), f"{name}: bitsandbytes' logits differ by {err}"
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/self/status")
 
 
 def _memory_worker(rank, ws, tmp, shard_size):
