@@ -11,10 +11,10 @@
 #include <ostream>
 #include <utility>
 
-#include "dispatch.h"
 #include "fourbit/codebook.h"
 #include "fourbit/lora.h"
 #include "fourbit/types.h"
+#include "ops.h"
 
 namespace fourbit {
 namespace nn {
@@ -65,10 +65,8 @@ class Gemm4bitFunction : public ::torch::autograd::Function<Gemm4bitFunction> {
     w.save(ctx);
     ctx->saved_data["x_grad"] = x.requires_grad();
     ctx->saved_data["bias_grad"] = bias.has_value() && bias->requires_grad();
-    auto out = FOURBIT_CALL_OP("gemm_4bit", x, w.W, w.absmax, w.nested_absmax, w.nested_code, w.offset,
-                               bias, w.blocksize, w.nested_blocksize, w.quant_type, w.N, w.K,
-                               std::string("auto"));
-    return out[0].toTensor();
+    return ops::gemm_4bit(x, w.W, w.absmax, w.nested_absmax, w.nested_code, w.offset, bias, w.blocksize,
+                          w.nested_blocksize, w.quant_type, w.N, w.K);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -76,10 +74,8 @@ class Gemm4bitFunction : public ::torch::autograd::Function<Gemm4bitFunction> {
     const Tensor& dy = grads[0];
     Tensor dx, dbias;
     if (ctx->saved_data["x_grad"].toBool()) {
-      dx = FOURBIT_CALL_OP("gemm_4bit_grad_input", dy, w.W, w.absmax, w.nested_absmax, w.nested_code,
-                           w.offset, w.blocksize, w.nested_blocksize, w.quant_type, w.N, w.K,
-                           std::string("auto"))[0]
-               .toTensor();
+      dx = ops::gemm_4bit_grad_input(dy, w.W, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize,
+                                     w.nested_blocksize, w.quant_type, w.N, w.K);
     }
     if (ctx->saved_data["bias_grad"].toBool()) dbias = bias_grad(dy, w.N);
     return {dx, dbias, Tensor()};
@@ -93,10 +89,8 @@ class Lora4bitFunction : public ::torch::autograd::Function<Lora4bitFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& bias,
                         const Tensor& lora_A, const Tensor& lora_B, const std::optional<Tensor>& x_lora,
                         const WeightArgs& w, double scaling) {
-    auto out = FOURBIT_CALL_OP("lora_4bit", x, w.W, w.absmax, w.nested_absmax, w.nested_code, w.offset,
-                               bias, w.blocksize, w.nested_blocksize, w.quant_type, w.N, w.K, lora_A,
-                               lora_B, scaling, x_lora);
-    Tensor y = out[0].toTensor(), xa = out[1].toTensor();
+    auto [y, xa] = ops::lora_4bit(x, w.W, w.absmax, w.nested_absmax, w.nested_code, w.offset, bias, w.blocksize,
+                                  w.nested_blocksize, w.quant_type, w.N, w.K, lora_A, lora_B, scaling, x_lora);
     w.save(ctx);
     const bool separate = x_lora.has_value();
     ctx->saved_data["scaling"] = scaling;
@@ -117,15 +111,13 @@ class Lora4bitFunction : public ::torch::autograd::Function<Lora4bitFunction> {
     Tensor dx, dx_lora, da, db, dbias;
     std::array<bool, 4> mask{needs[0], needs[1], needs[2], needs[3]};
     if (mask[0] || mask[1] || mask[2] || mask[3]) {
-      auto out = FOURBIT_CALL_OP("lora_4bit_backward", dy, w.W, w.absmax, w.nested_absmax, w.nested_code,
-                                 w.offset, w.blocksize, w.nested_blocksize, w.quant_type, w.N, w.K,
-                                 saved[0], saved[1], ctx->saved_data["scaling"].toDouble(),
-                                 std::optional<Tensor>(saved[2]), std::optional<Tensor>(saved[3]), separate,
-                                 std::vector<bool>(mask.begin(), mask.end()));
-      if (mask[0]) dx = out[0].toTensor();
-      if (mask[1]) dx_lora = out[1].toTensor();
-      if (mask[2]) da = out[2].toTensor();
-      if (mask[3]) db = out[3].toTensor();
+      auto out = ops::lora_4bit_backward(dy, w.W, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize,
+                                         w.nested_blocksize, w.quant_type, w.N, w.K, saved[0], saved[1],
+                                         ctx->saved_data["scaling"].toDouble(), saved[2], saved[3], separate, mask);
+      if (mask[0]) dx = std::get<0>(out);
+      if (mask[1]) dx_lora = std::get<1>(out);
+      if (mask[2]) da = std::get<2>(out);
+      if (mask[3]) db = std::get<3>(out);
     }
     if (needs[4]) dbias = bias_grad(dy, w.N);
     return {dx, dbias, da, db, dx_lora, Tensor(), Tensor()};
@@ -242,9 +234,8 @@ void Linear4bitImpl::quantize_(const Tensor& weight, const std::optional<Tensor>
   TORCH_CHECK_VALUE(is_float_dtype(weight.scalar_type()),
                     "Linear4bit.quantize_: weight must be float32, float16 or bfloat16, got ", weight.scalar_type());
   ::torch::NoGradGuard no_grad;
-  auto q = FOURBIT_CALL_OP("quantize_4bit", weight.contiguous(), options_.blocksize(), options_.quant_type(),
-                           static_cast<int64_t>(::torch::kUInt8));
-  Tensor packed = q[0].toTensor(), absmax = q[1].toTensor();
+  auto [packed, absmax] =
+      ops::quantize_4bit(weight.contiguous(), options_.blocksize(), options_.quant_type(), ::torch::kUInt8);
   state_ = QuantState4bit{options_.quant_type(), options_.blocksize(), weight.scalar_type(),
                           options_.compress_statistics(), kNestedBlocksize, 0.0};
   std::optional<Tensor> nested_absmax, nested_code;
@@ -252,9 +243,7 @@ void Linear4bitImpl::quantize_(const Tensor& weight, const std::optional<Tensor>
     // bitsandbytes' double quantization: absmax - mean(absmax), 8-bit blockwise (256).
     const Tensor offset = absmax.mean();
     nested_code = dynamic_map_tensor().to(weight.device());
-    auto n = FOURBIT_CALL_OP("quantize_blockwise", absmax - offset, *nested_code, kNestedBlocksize);
-    absmax = n[0].toTensor();
-    nested_absmax = n[1].toTensor();
+    std::tie(absmax, nested_absmax) = ops::quantize_blockwise(absmax - offset, *nested_code, kNestedBlocksize);
     state_.nested_offset = offset.item<double>();
   }
   set_buffers(packed, absmax, nested_absmax, nested_code);
@@ -345,14 +334,10 @@ Tensor Linear4bitImpl::dequantize(::torch::Dtype dtype) const {
   ::torch::NoGradGuard no_grad;
   const std::vector<int64_t> shape{options_.out_features(), options_.in_features()};
   if (state_.nested) {
-    return FOURBIT_CALL_OP("dequantize_4bit_nested", weight_, absmax_, nested_absmax_, nested_quant_map_, offset_,
-                           state_.blocksize, state_.nested_blocksize, state_.quant_type, shape,
-                           static_cast<int64_t>(dtype))[0]
-        .toTensor();
+    return ops::dequantize_4bit_nested(weight_, absmax_, nested_absmax_, nested_quant_map_, offset_, state_.blocksize,
+                                       state_.nested_blocksize, state_.quant_type, shape, dtype);
   }
-  return FOURBIT_CALL_OP("dequantize_4bit", weight_, absmax_, state_.blocksize, state_.quant_type, shape,
-                         static_cast<int64_t>(dtype))[0]
-      .toTensor();
+  return ops::dequantize_4bit(weight_, absmax_, state_.blocksize, state_.quant_type, shape, dtype);
 }
 
 void Linear4bitImpl::pretty_print(std::ostream& stream) const {

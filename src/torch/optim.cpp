@@ -11,8 +11,8 @@
 #include <string>
 #include <utility>
 
-#include "dispatch.h"
 #include "fourbit/codebook.h"
+#include "ops.h"
 
 namespace fourbit {
 namespace optim {
@@ -97,7 +97,7 @@ bool AdamW::uses_8bit(const Tensor& p) const { return optim_bits_ == 8 && p.nume
 
 Tensor AdamW::buffer(const Tensor& p, ::torch::Dtype dtype) const {
   if (is_paged_ && p.numel() >= kPagedMinNumel) {
-    return FOURBIT_CALL_OP("paged_zeros", p.sizes().vec(), static_cast<int64_t>(dtype), p.device())[0].toTensor();
+    return ops::paged_zeros(p.sizes(), dtype, p.device());
   }
   return ::torch::zeros(p.sizes(), ::torch::TensorOptions().dtype(dtype).device(p.device()));
 }
@@ -170,7 +170,7 @@ Tensor AdamW::step(LossClosure closure) {
       if (is_paged_ && device.is_cuda()) {
         std::vector<Tensor> states(l.s1);
         states.insert(states.end(), l.s2.begin(), l.s2.end());
-        FOURBIT_CALL_OP("paged_prefetch", states, device);
+        ops::paged_prefetch(states, device);
       }
       Tensor q1, q2;
       if (!l.a1.empty()) {
@@ -178,8 +178,8 @@ Tensor AdamW::step(LossClosure closure) {
       } else {
         q1 = q2 = ::torch::empty({0}, ::torch::TensorOptions().device(device));
       }
-      FOURBIT_CALL_OP("adamw_step", l.ps, l.gs, l.s1, l.s2, l.a1, l.a2, q1, q2, l.steps, o.lr(), o.beta1(),
-                      o.beta2(), o.eps(), o.weight_decay());
+      ops::adamw_step(l.ps, l.gs, l.s1, l.s2, l.a1, l.a2, q1, q2, l.steps, o.lr(), o.beta1(), o.beta2(), o.eps(),
+                      o.weight_decay());
     }
   }
   return loss;
