@@ -45,6 +45,15 @@ constexpr unsigned kCpuidOsxsave = 1u << 27;
 // XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA): the OS saves tile state.
 constexpr unsigned long long kXcr0Tile = (1ull << 17) | (1ull << 18);
 
+// CPUID.1:ECX bit 29: F16C (read directly: clang's __builtin_cpu_supports has no "f16c" name
+// before clang 16, and the fuzz build compiles this file with clang).
+constexpr unsigned kCpuidF16c = 1u << 29;
+
+bool f16c_in_cpuid() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & kCpuidF16c);
+}
+
 bool amx_in_cpuid() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
@@ -83,7 +92,7 @@ CpuIsa cpu_isa() {
     // Every class from Avx2 up runs the AVX2 + FMA (+ F16C) kernels where it has nothing
     // better, so each needs them; FOURBIT_DISABLE_AVX2=1 leaves the portable kernels only.
     if (avx2_off || !__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
-        !__builtin_cpu_supports("f16c")) {
+        !f16c_in_cpuid()) {
       return CpuIsa::Portable;
     }
     if (std::getenv("FOURBIT_DISABLE_AVX512") != nullptr || !__builtin_cpu_supports("avx512f") ||
