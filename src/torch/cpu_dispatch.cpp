@@ -23,8 +23,8 @@
 //
 // A measurement taken while other processes hold the cores can pick the wrong path, so
 // each one is judged (judge_measurement, cpu_dispatch_trust.h: load average above the
-// online cores, CPU time under half of wall x threads, or a path's repetitions spread more
-// than 1.25x). An untrusted one is used by this process only ("provisional") and never
+// online cores, threads waiting for a core over a quarter of wall x threads, or a path's
+// repetitions spread more than 1.25x). An untrusted one is used by this process only ("provisional") and never
 // written: the next process measures that class again. fourbit.cpu_matmul_cache_clear()
 // (torch.ops.fourbit.cpu_matmul_cache_clear) drops this machine's entries.
 //
@@ -47,11 +47,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/version.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -256,8 +256,9 @@ struct Choice {
   double probe_ms = -1;  // wall time of the whole measurement (probe set-up included)
   bool provisional = false;  // measured but not trusted: used by this process, not cached
   std::string untrusted;     // why not trusted (judge_measurement's reason)
-  // What the judgement saw: CPU time / (wall x threads), each path's max/min of its runs.
-  double cpu_share = -1, fused_spread = -1, blas_spread = -1;
+  // What the judgement saw: run-queue wait / (wall x threads) (-1: unknown), each path's
+  // max/min of its runs.
+  double wait_share = -1, fused_spread = -1, blas_spread = -1;
 };
 
 struct State {
@@ -311,11 +312,23 @@ int online_cores() {
   return n > 0 ? static_cast<int>(n) : 1;
 }
 
-double process_cpu_seconds() {
-  rusage ru{};
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-         1e-6 * static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+// Seconds this process's threads have spent runnable but waiting for a core (the second
+// field of /proc/self/task/<tid>/schedstat, nanoseconds), or -1 where it cannot be read.
+double process_run_queue_wait_seconds() {
+  std::error_code ec;
+  std::filesystem::directory_iterator it("/proc/self/task", ec);
+  if (ec) return -1;
+  double total = 0;
+  bool any = false;
+  for (const auto& task : it) {
+    std::ifstream in(task.path() / "schedstat");
+    uint64_t run_ns = 0, wait_ns = 0;
+    if (in >> run_ns >> wait_ns) {
+      total += 1e-9 * static_cast<double>(wait_ns);
+      any = true;
+    }
+  }
+  return any ? total : -1;
 }
 
 // The cache file's entries; a missing file is empty, a corrupt one is reported and empty.
@@ -381,12 +394,12 @@ bool static_rule(int64_t M, DType dtype) {
 
 // Each timed run's seconds of two paths, alternated (fused, blas, fused, ...) after one
 // warm-up each, so a burst of load from another process hits both alike; plus the
-// process's CPU time and the wall time over the timed runs (judge_measurement's inputs).
+// process's run-queue wait and the wall time over the timed runs (judge_measurement's inputs).
 MeasurementStats time_both(const std::function<void()>& a, const std::function<void()>& b) {
   a();  // warm-up: workspaces, pooled threads, the probe's pages
   b();
   MeasurementStats s;
-  const double cpu0 = process_cpu_seconds();
+  const double wait0 = process_run_queue_wait_seconds();
   const auto start = std::chrono::steady_clock::now();
   for (int r = 0; r < kProbeRuns; ++r) {
     for (int which = 0; which < 2; ++which) {
@@ -397,7 +410,8 @@ MeasurementStats time_both(const std::function<void()>& a, const std::function<v
     }
   }
   s.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  s.cpu_s = process_cpu_seconds() - cpu0;
+  const double wait1 = process_run_queue_wait_seconds();
+  s.wait_s = wait0 >= 0 && wait1 >= 0 ? std::max(0.0, wait1 - wait0) : -1;
   s.threads = at::get_num_threads();
   s.loadavg = read_loadavg();
   s.cores = online_cores();
@@ -481,7 +495,7 @@ Choice measure(const ShapeClass& c, const Weight4bit& weight) {
     case ForceTrust::None: break;
   }
   ch.provisional = !trust.trusted;
-  ch.cpu_share = stats.wall_s > 0 ? stats.cpu_s / (stats.wall_s * stats.threads) : -1;
+  ch.wait_share = stats.wait_s >= 0 && stats.wall_s > 0 ? stats.wait_s / (stats.wall_s * stats.threads) : -1;
   const auto spread = [](const std::vector<double>& v) {
     const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
     return *lo > 0 ? *hi / *lo : -1.0;
@@ -505,7 +519,7 @@ void log_choice(const std::string& key, const Choice& ch) {
      << ch.source;
   if (ch.fused_ms >= 0) {
     os << ": fused " << ch.fused_ms << " ms, blas " << ch.blas_ms << " ms; the measurement took "
-       << ch.probe_ms << " ms; CPU share " << ch.cpu_share << ", spread fused " << ch.fused_spread
+       << ch.probe_ms << " ms; run-queue wait share " << ch.wait_share << ", spread fused " << ch.fused_spread
        << "x, blas " << ch.blas_spread << "x";
   }
   if (ch.provisional) os << "; provisional, not cached: " << ch.untrusted;
@@ -656,7 +670,7 @@ std::string cpu_matmul_info_json() {
        << json_string(ch.blas ? "blas" : "fused") << ", \"source\": " << json_string(ch.source)
        << ", \"fused_ms\": " << ch.fused_ms << ", \"blas_ms\": " << ch.blas_ms
        << ", \"probe_ms\": " << ch.probe_ms
-       << ", \"cpu_share\": " << ch.cpu_share << ", \"fused_spread\": " << ch.fused_spread
+       << ", \"wait_share\": " << ch.wait_share << ", \"fused_spread\": " << ch.fused_spread
        << ", \"blas_spread\": " << ch.blas_spread
        << ", \"provisional\": " << (ch.provisional ? "true" : "false")
        << ", \"untrusted\": " << json_string(ch.untrusted) << "}";

@@ -11,12 +11,14 @@
 namespace fourbit {
 namespace binding {
 
-// What a measurement saw: each path's timed repetitions (seconds), the process's CPU time
-// (all its threads) and the wall time over the timed repetitions, the threads the kernels
-// ran on, the 1-minute load average and the online cores (a negative load: unknown).
+// What a measurement saw: each path's timed repetitions (seconds); the time the process's
+// threads spent runnable but waiting for a core (the kernel's run_delay, summed over
+// /proc/self/task/*/schedstat; negative: unknown) and the wall time over the timed
+// repetitions; the threads the kernels ran on; the 1-minute load average and the online
+// cores (a negative load: unknown).
 struct MeasurementStats {
   std::vector<double> fused_s, blas_s;
-  double cpu_s = 0, wall_s = 0;
+  double wait_s = -1, wall_s = 0;
   int threads = 1;
   double loadavg = -1;
   int cores = 1;
@@ -27,9 +29,12 @@ struct MeasurementStats {
 // few percent on a quiet machine (docs/BENCHMARKS.md: about 5% run to run); more than
 // kTrustMaxSpread (max/min) means something else ran in between.
 constexpr double kTrustMaxSpread = 1.25;
-// The kernels keep `threads` threads busy (OpenMP workers spin while they wait), so CPU time
-// is about wall x threads; below kTrustMinCpuShare of that, other processes held the cores.
-constexpr double kTrustMinCpuShare = 0.5;
+// A thread that waits on the run queue had work but no core: on a quiet machine the wait is
+// near 0; with the cores shared among twice as many runnable threads, about half the time.
+// Above kTrustMaxWaitShare of wall x threads, other processes held the cores. (Run-queue
+// wait rather than CPU time / wall: a kernel thread that sleeps because it has no work
+// costs neither, so a small probe on many threads is not held against the measurement.)
+constexpr double kTrustMaxWaitShare = 0.25;
 
 struct Trust {
   bool trusted = true;
@@ -43,8 +48,8 @@ inline std::string trust_format(double v) {
 }
 
 // Untrusted if any of: the machine is oversubscribed (load average above the online cores),
-// the process got less than kTrustMinCpuShare of wall x threads of CPU time, or a path's
-// repetitions spread by more than kTrustMaxSpread. Reasons are joined with "; ".
+// the process's threads waited for a core more than kTrustMaxWaitShare of wall x threads,
+// or a path's repetitions spread by more than kTrustMaxSpread. Reasons are joined with "; ".
 inline Trust judge_measurement(const MeasurementStats& s) {
   Trust t;
   auto add = [&t](const std::string& why) {
@@ -55,10 +60,12 @@ inline Trust judge_measurement(const MeasurementStats& s) {
     add("load average " + trust_format(s.loadavg) + " above the " + std::to_string(s.cores) +
         " online cores");
   }
-  const double share = s.wall_s > 0 && s.threads > 0 ? s.cpu_s / (s.wall_s * s.threads) : 1.0;
-  if (share < kTrustMinCpuShare) {
-    add("CPU time " + trust_format(share) + " x wall x " + std::to_string(s.threads) +
-        " threads (other processes held the cores)");
+  const double share = s.wait_s >= 0 && s.wall_s > 0 && s.threads > 0
+                            ? s.wait_s / (s.wall_s * s.threads)
+                            : 0.0;
+  if (share > kTrustMaxWaitShare) {
+    add("threads waited for a core " + trust_format(share) + " x wall x " +
+        std::to_string(s.threads) + " threads (other processes held the cores)");
   }
   for (const auto* reps : {&s.fused_s, &s.blas_s}) {
     if (reps->empty()) continue;

@@ -9,14 +9,14 @@ using fourbit::binding::MeasurementStats;
 
 namespace {
 
-// A quiet measurement: repetitions within 3%, CPU time = wall x threads, load below the cores.
+// A quiet measurement: repetitions within 3%, little run-queue wait, load below the cores.
 MeasurementStats quiet() {
   MeasurementStats s;
   s.fused_s = {1.00e-3, 1.02e-3, 1.03e-3};
   s.blas_s = {2.00e-3, 2.01e-3, 2.05e-3};
   s.wall_s = 9.1e-3;
   s.threads = 4;
-  s.cpu_s = 0.95 * s.wall_s * s.threads;
+  s.wait_s = 0.01 * s.wall_s * s.threads;
   s.loadavg = 2.5;
   s.cores = 8;
   return s;
@@ -40,13 +40,15 @@ TEST(CpuDispatchTrust, LoadAboveTheCoresIsUntrusted) {
   EXPECT_TRUE(judge_measurement(s).trusted);
 }
 
-TEST(CpuDispatchTrust, CpuTimeWellBelowWallTimesThreadsIsUntrusted) {
+TEST(CpuDispatchTrust, WaitingForACoreIsUntrusted) {
   auto s = quiet();
-  s.cpu_s = 0.4 * s.wall_s * s.threads;
+  s.wait_s = 0.4 * s.wall_s * s.threads;
   const auto t = judge_measurement(s);
   EXPECT_FALSE(t.trusted);
-  EXPECT_NE(t.reason.find("CPU time 0.4 x wall x 4 threads"), std::string::npos) << t.reason;
-  s.cpu_s = 0.5 * s.wall_s * s.threads;  // the bound itself is trusted
+  EXPECT_NE(t.reason.find("threads waited for a core 0.4 x wall x 4 threads"), std::string::npos) << t.reason;
+  s.wait_s = 0.25 * s.wall_s * s.threads;  // the bound itself is trusted
+  EXPECT_TRUE(judge_measurement(s).trusted);
+  s.wait_s = -1;  // unknown (no schedstat): not held against the measurement
   EXPECT_TRUE(judge_measurement(s).trusted);
 }
 
@@ -72,12 +74,12 @@ TEST(CpuDispatchTrust, SpreadRepetitionsOfEitherPathAreUntrusted) {
 TEST(CpuDispatchTrust, EveryReasonIsGiven) {
   auto s = quiet();
   s.loadavg = 20;
-  s.cpu_s = 0.1 * s.wall_s * s.threads;
+  s.wait_s = 0.9 * s.wall_s * s.threads;
   s.fused_s = {1e-3, 3e-3};
   const auto t = judge_measurement(s);
   EXPECT_FALSE(t.trusted);
   EXPECT_NE(t.reason.find("load average"), std::string::npos) << t.reason;
-  EXPECT_NE(t.reason.find("; CPU time"), std::string::npos) << t.reason;
+  EXPECT_NE(t.reason.find("; threads waited"), std::string::npos) << t.reason;
   EXPECT_NE(t.reason.find("; fused repetitions spread 3x"), std::string::npos) << t.reason;
 }
 
