@@ -24,9 +24,10 @@
 // A measurement taken while other processes hold the cores can pick the wrong path, so
 // each one is judged (judge_measurement, cpu_dispatch_trust.h: load average above the
 // online cores, threads waiting for a core over a quarter of wall x threads, or a path's
-// repetitions spread more than 1.25x). An untrusted one is used by this process only ("provisional") and never
-// written: the next process measures that class again. fourbit.cpu_matmul_cache_clear()
-// (torch.ops.fourbit.cpu_matmul_cache_clear) drops this machine's entries.
+// repetitions spread more than 1.25x). An untrusted one is used by this process only
+// ("provisional") and never written: the next process measures that class again.
+// fourbit.cpu_matmul_cache_clear() (torch.ops.fourbit.cpu_matmul_cache_clear) drops this
+// machine's entries.
 //
 // The LoRA op (lora_ops.cpp) asks for its base product under the same shape classes, so a
 // LoRA layer and a plain 4-bit linear of one shape share one measurement and one entry.
@@ -116,8 +117,8 @@ Mode read_mode() {
   if (std::strcmp(v, "blas") == 0) return Mode::Blas;
   if (std::strcmp(v, "remeasure") == 0) return Mode::Remeasure;
   CHECK_ARG(false,
-            "FOURBIT_CPU_MATMUL must be one of 'auto', 'static', 'fused', 'blas', 'remeasure', got '",
-            v, "'");
+            "FOURBIT_CPU_MATMUL must be one of 'auto', 'static', 'fused', 'blas', 'remeasure', "
+            "got '", v, "'");
   return Mode::Auto;
 }
 
@@ -138,7 +139,8 @@ ForceTrust read_force_trust() {
   if (v == nullptr || v[0] == '\0') return ForceTrust::None;
   if (std::strcmp(v, "noisy") == 0) return ForceTrust::Noisy;
   CHECK_ARG(std::strcmp(v, "trusted") == 0,
-            "FOURBIT_CPU_MATMUL_TEST_FORCE must be 'noisy' or 'trusted' (test-only), got '", v, "'");
+            "FOURBIT_CPU_MATMUL_TEST_FORCE must be 'noisy' or 'trusted' (test-only), got '", v,
+            "'");
   return ForceTrust::Trusted;
 }
 
@@ -495,7 +497,9 @@ Choice measure(const ShapeClass& c, const Weight4bit& weight) {
     case ForceTrust::None: break;
   }
   ch.provisional = !trust.trusted;
-  ch.wait_share = stats.wait_s >= 0 && stats.wall_s > 0 ? stats.wait_s / (stats.wall_s * stats.threads) : -1;
+  ch.wait_share = stats.wait_s >= 0 && stats.wall_s > 0
+                      ? stats.wait_s / (stats.wall_s * stats.threads)
+                      : -1;
   const auto spread = [](const std::vector<double>& v) {
     const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
     return *lo > 0 ? *hi / *lo : -1.0;
@@ -519,8 +523,8 @@ void log_choice(const std::string& key, const Choice& ch) {
      << ch.source;
   if (ch.fused_ms >= 0) {
     os << ": fused " << ch.fused_ms << " ms, blas " << ch.blas_ms << " ms; the measurement took "
-       << ch.probe_ms << " ms; run-queue wait share " << ch.wait_share << ", spread fused " << ch.fused_spread
-       << "x, blas " << ch.blas_spread << "x";
+       << ch.probe_ms << " ms; run-queue wait share " << ch.wait_share << ", spread fused "
+       << ch.fused_spread << "x, blas " << ch.blas_spread << "x";
   }
   if (ch.provisional) os << "; provisional, not cached: " << ch.untrusted;
   os << ")\n";
@@ -531,7 +535,7 @@ bool choose(const ShapeClass& c, const Weight4bit& weight, Caller caller) {
   run_core([] { (void)cpu_isa(); });  // a bad FOURBIT_DISABLE_AMX/_AVX2 is a ValueError here
   const Mode mode = read_mode();
   const bool log = read_log();
-  (void)read_force_trust();  // a bad test switch is a ValueError at every call, not only the first
+  (void)read_force_trust();  // a bad test switch is a ValueError at every call, not the first
   State& st = state();
   bool blas = false;
   if (c.dtype == DType::Float16) {
@@ -685,5 +689,6 @@ std::string cpu_matmul_info_json() {
 
 TORCH_LIBRARY_FRAGMENT(fourbit, m) {
   m.def("cpu_matmul_info() -> str", [] { return fourbit::binding::cpu_matmul_info_json(); });
-  m.def("cpu_matmul_cache_clear() -> int", [] { return fourbit::binding::cpu_matmul_cache_clear(); });
+  m.def("cpu_matmul_cache_clear() -> int",
+        [] { return fourbit::binding::cpu_matmul_cache_clear(); });
 }

@@ -33,7 +33,8 @@ TEST(CpuDispatchTrust, LoadAboveTheCoresIsUntrusted) {
   s.loadavg = 8.5;
   const auto t = judge_measurement(s);
   EXPECT_FALSE(t.trusted);
-  EXPECT_NE(t.reason.find("load average 8.5 above the 8 online cores"), std::string::npos) << t.reason;
+  EXPECT_NE(t.reason.find("load average 8.5 above the 8 online cores"), std::string::npos)
+      << t.reason;
   s.loadavg = 8.0;  // fully used, not oversubscribed
   EXPECT_TRUE(judge_measurement(s).trusted);
   s.loadavg = -1;  // unknown: not held against the measurement
@@ -45,7 +46,8 @@ TEST(CpuDispatchTrust, WaitingForACoreIsUntrusted) {
   s.wait_s = 0.4 * s.wall_s * s.threads;
   const auto t = judge_measurement(s);
   EXPECT_FALSE(t.trusted);
-  EXPECT_NE(t.reason.find("threads waited for a core 0.4 x wall x 4 threads"), std::string::npos) << t.reason;
+  EXPECT_NE(t.reason.find("threads waited for a core 0.4 x wall x 4 threads"), std::string::npos)
+      << t.reason;
   s.wait_s = 0.25 * s.wall_s * s.threads;  // the bound itself is trusted
   EXPECT_TRUE(judge_measurement(s).trusted);
   s.wait_s = -1;  // unknown (no schedstat): not held against the measurement

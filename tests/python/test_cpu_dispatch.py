@@ -365,7 +365,7 @@ def flip(entries):
     return {k: ("fused" if v == "blas" else "blas") for k, v in entries.items()}
 
 
-def test_remeasure_overwrites_planted_entries_and_later_processes_follow(tmp_path):
+def test_remeasure_overwrites_planted_entries_and_keeps_other_machines(tmp_path):
     run(tmp_path)
     path = cache_file(tmp_path)
     other = "Other CPU|avx2|threads=2|torch=0.0||fwd/bfloat16/m4/n512/k1024"
