@@ -21,7 +21,17 @@ def built_with_cuda() -> bool:
     return _C.built_with_cuda()
 
 
-__all__ = ["functional", "QuantState", "matmul_4bit", "built_with_cuda", "__version__"]
+def cpu_matmul_cache_clear() -> int:
+    """Drop this machine's measured CPU matmul choices (src/torch/cpu_dispatch.cpp): its
+    entries in $XDG_CACHE_HOME/fourbit/cpu_matmul.json (rewritten atomically; other
+    machines' entries are kept) and this process's, so each shape class is measured again at
+    its next use. Returns the number of cache entries dropped. FOURBIT_CPU_MATMUL=remeasure
+    re-measures without dropping anything first."""
+    return int(torch.ops.fourbit.cpu_matmul_cache_clear())
+
+
+__all__ = ["functional", "QuantState", "matmul_4bit", "built_with_cuda", "cpu_matmul_cache_clear",
+           "__version__"]
 
 from . import nn  # noqa: E402  (Params4bit, Linear4bit, LinearNF4, LinearFP4)
 from .nn import replace_linear  # noqa: E402  (nn.Linear -> Linear4bit, streaming)

@@ -17,6 +17,17 @@
 //   static: the fixed rule (blas from kCpuBlasMinRows rows; bf16 on AMX from
 //       kCpuBlasMinRowsAmx).
 //   fused / blas: always that path (bf16 and fp32; fp16 is fused in every mode).
+//   remeasure: auto, but this machine key's cached entries are ignored: each class is
+//       measured again at its first use in this process and a trusted result overwrites
+//       the entry.
+//
+// A measurement taken while other processes hold the cores can pick the wrong path, so
+// each one is judged (judge_measurement, cpu_dispatch_trust.h: load average above the
+// online cores, threads waiting for a core over a quarter of wall x threads, or a path's
+// repetitions spread more than 1.25x). An untrusted one is used by this process only
+// ("provisional") and never written: the next process measures that class again.
+// fourbit.cpu_matmul_cache_clear() (torch.ops.fourbit.cpu_matmul_cache_clear) drops this
+// machine's entries.
 //
 // The LoRA op (lora_ops.cpp) asks for its base product under the same shape classes, so a
 // LoRA layer and a plain 4-bit linear of one shape share one measurement and one entry.
@@ -41,6 +52,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -50,6 +62,7 @@
 #include <sstream>
 
 #include "checks.h"
+#include "cpu_dispatch_trust.h"
 #include "fourbit/cpu_features.h"
 
 namespace fourbit {
@@ -83,7 +96,7 @@ constexpr double kSwitchMargin = 0.05;
 // The cache file's format version (a file with another version is ignored and rewritten).
 constexpr int kCacheVersion = 1;
 
-enum class Mode { Auto, Static, Fused, Blas };
+enum class Mode { Auto, Static, Fused, Blas, Remeasure };
 
 const char* mode_name(Mode m) {
   switch (m) {
@@ -91,6 +104,7 @@ const char* mode_name(Mode m) {
     case Mode::Static: return "static";
     case Mode::Fused: return "fused";
     case Mode::Blas: return "blas";
+    case Mode::Remeasure: return "remeasure";
   }
   return "auto";
 }
@@ -101,8 +115,10 @@ Mode read_mode() {
   if (std::strcmp(v, "static") == 0) return Mode::Static;
   if (std::strcmp(v, "fused") == 0) return Mode::Fused;
   if (std::strcmp(v, "blas") == 0) return Mode::Blas;
-  CHECK_ARG(false, "FOURBIT_CPU_MATMUL must be one of 'auto', 'static', 'fused', 'blas', got '", v,
-            "'");
+  if (std::strcmp(v, "remeasure") == 0) return Mode::Remeasure;
+  CHECK_ARG(false,
+            "FOURBIT_CPU_MATMUL must be one of 'auto', 'static', 'fused', 'blas', 'remeasure', "
+            "got '", v, "'");
   return Mode::Auto;
 }
 
@@ -111,6 +127,21 @@ bool read_log() {
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return false;
   CHECK_ARG(std::strcmp(v, "1") == 0, "FOURBIT_CPU_MATMUL_LOG must be 0 or 1, got '", v, "'");
   return true;
+}
+
+// Test-only (tests/python/test_cpu_dispatch.py): FOURBIT_CPU_MATMUL_TEST_FORCE=noisy judges
+// every measurement untrusted, =trusted every one trusted (so cache tests do not depend on
+// the test machine's load); unset or empty: judged on what the measurement saw.
+enum class ForceTrust { None, Noisy, Trusted };
+
+ForceTrust read_force_trust() {
+  const char* v = std::getenv("FOURBIT_CPU_MATMUL_TEST_FORCE");
+  if (v == nullptr || v[0] == '\0') return ForceTrust::None;
+  if (std::strcmp(v, "noisy") == 0) return ForceTrust::Noisy;
+  CHECK_ARG(std::strcmp(v, "trusted") == 0,
+            "FOURBIT_CPU_MATMUL_TEST_FORCE must be 'noisy' or 'trusted' (test-only), got '", v,
+            "'");
+  return ForceTrust::Trusted;
 }
 
 int64_t pow2_class(int64_t x) {
@@ -225,6 +256,11 @@ struct Choice {
   std::string source;  // "measured", "cache", "rule"
   double fused_ms = -1, blas_ms = -1;
   double probe_ms = -1;  // wall time of the whole measurement (probe set-up included)
+  bool provisional = false;  // measured but not trusted: used by this process, not cached
+  std::string untrusted;     // why not trusted (judge_measurement's reason)
+  // What the judgement saw: run-queue wait / (wall x threads) (-1: unknown), each path's
+  // max/min of its runs.
+  double wait_share = -1, fused_spread = -1, blas_spread = -1;
 };
 
 struct State {
@@ -235,6 +271,7 @@ struct State {
   std::string last_forward = "none", last_grad_input = "none";
   std::string last_lora_forward = "none", last_lora_backward = "none";
   int64_t measurements = 0;
+  int64_t provisional = 0;  // measurements not trusted, hence not cached
   bool warned_write = false;
 };
 
@@ -251,12 +288,49 @@ std::string cache_path() {
   return "";
 }
 
-std::string machine_key() {
+// This CPU (model and ISA class): the start of every machine key of this machine, whatever
+// its thread count or torch version.
+std::string machine_prefix() {
   static const std::string model = cpu_model_name();
+  return model + "|" + to_string(cpu_isa()) + "|";
+}
+
+std::string machine_key() {
   std::ostringstream os;
-  os << model << "|" << to_string(cpu_isa()) << "|threads=" << at::get_num_threads()
-     << "|torch=" << TORCH_VERSION;
+  os << machine_prefix() << "threads=" << at::get_num_threads() << "|torch=" << TORCH_VERSION;
   return os.str();
+}
+
+// The 1-minute load average, or -1 where /proc/loadavg cannot be read.
+double read_loadavg() {
+  std::ifstream in("/proc/loadavg");
+  double load = -1;
+  if (!(in >> load)) return -1;
+  return load;
+}
+
+int online_cores() {
+  const long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
+// Seconds this process's threads have spent runnable but waiting for a core (the second
+// field of /proc/self/task/<tid>/schedstat, nanoseconds), or -1 where it cannot be read.
+double process_run_queue_wait_seconds() {
+  std::error_code ec;
+  std::filesystem::directory_iterator it("/proc/self/task", ec);
+  if (ec) return -1;
+  double total = 0;
+  bool any = false;
+  for (const auto& task : it) {
+    std::ifstream in(task.path() / "schedstat");
+    uint64_t run_ns = 0, wait_ns = 0;
+    if (in >> run_ns >> wait_ns) {
+      total += 1e-9 * static_cast<double>(wait_ns);
+      any = true;
+    }
+  }
+  return any ? total : -1;
 }
 
 // The cache file's entries; a missing file is empty, a corrupt one is reported and empty.
@@ -320,23 +394,30 @@ bool static_rule(int64_t M, DType dtype) {
   return dtype != DType::Float16 && M >= static_min_rows(dtype);
 }
 
-// Best seconds of each of two runs, alternated (fused, blas, fused, ...) after one warm-up
-// each, so a burst of load from another process hits both alike.
-std::pair<double, double> best_seconds(const std::function<void()>& a,
-                                       const std::function<void()>& b) {
+// Each timed run's seconds of two paths, alternated (fused, blas, fused, ...) after one
+// warm-up each, so a burst of load from another process hits both alike; plus the
+// process's run-queue wait and the wall time over the timed runs (judge_measurement's inputs).
+MeasurementStats time_both(const std::function<void()>& a, const std::function<void()>& b) {
   a();  // warm-up: workspaces, pooled threads, the probe's pages
   b();
-  double best_a = 1e30, best_b = 1e30;
+  MeasurementStats s;
+  const double wait0 = process_run_queue_wait_seconds();
+  const auto start = std::chrono::steady_clock::now();
   for (int r = 0; r < kProbeRuns; ++r) {
     for (int which = 0; which < 2; ++which) {
       const auto t0 = std::chrono::steady_clock::now();
       (which == 0 ? a : b)();
       const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      double& best = which == 0 ? best_a : best_b;
-      best = std::min(best, t);
+      (which == 0 ? s.fused_s : s.blas_s).push_back(t);
     }
   }
-  return {best_a, best_b};
+  s.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double wait1 = process_run_queue_wait_seconds();
+  s.wait_s = wait0 >= 0 && wait1 >= 0 ? std::max(0.0, wait1 - wait0) : -1;
+  s.threads = at::get_num_threads();
+  s.loadavg = read_loadavg();
+  s.cores = online_cores();
+  return s;
 }
 
 // Which op asked (the "last" entries of cpu_matmul_info).
@@ -379,6 +460,7 @@ Choice measure(const ShapeClass& c, const Weight4bit& weight) {
   w.N = rows;
   const auto opts = at::TensorOptions().dtype(c.scalar);
   Choice ch;
+  MeasurementStats stats;
   if (c.forward) {
     const at::Tensor x = at::full({pm, c.K}, 0.5, opts);
     at::Tensor y = at::empty({pm, rows}, opts);
@@ -388,11 +470,9 @@ Choice measure(const ShapeClass& c, const Weight4bit& weight) {
     p.y = y.mutable_data_ptr();
     p.M = pm;
     p.dtype = c.dtype;
-    const auto [fused, blas] = best_seconds(
+    stats = time_both(
         [&] { run_core([&] { gemm_4bit(p); }); },
         [&] { at::mm_out(y, x, dequantized_weight_cpu(w, c.dtype, c.scalar).t()); });
-    ch.fused_ms = 1e3 * fused;
-    ch.blas_ms = 1e3 * blas;
   } else {
     const at::Tensor dy = at::full({pm, rows}, 0.5, opts);
     at::Tensor dx = at::empty({pm, c.K}, opts);
@@ -402,12 +482,31 @@ Choice measure(const ShapeClass& c, const Weight4bit& weight) {
     p.grad_input = dx.mutable_data_ptr();
     p.M = pm;
     p.dtype = c.dtype;
-    const auto [fused, blas] = best_seconds(
+    stats = time_both(
         [&] { run_core([&] { gemm_4bit_grad_input(p); }); },
         [&] { at::mm_out(dx, dy, dequantized_weight_cpu(w, c.dtype, c.scalar)); });
-    ch.fused_ms = 1e3 * fused;
-    ch.blas_ms = 1e3 * blas;
   }
+  ch.fused_ms = 1e3 * *std::min_element(stats.fused_s.begin(), stats.fused_s.end());
+  ch.blas_ms = 1e3 * *std::min_element(stats.blas_s.begin(), stats.blas_s.end());
+  Trust trust = judge_measurement(stats);
+  switch (read_force_trust()) {
+    case ForceTrust::Noisy:
+      trust = {false, "forced by FOURBIT_CPU_MATMUL_TEST_FORCE=noisy (test-only)"};
+      break;
+    case ForceTrust::Trusted: trust = {true, ""}; break;
+    case ForceTrust::None: break;
+  }
+  ch.provisional = !trust.trusted;
+  ch.wait_share = stats.wait_s >= 0 && stats.wall_s > 0
+                      ? stats.wait_s / (stats.wall_s * stats.threads)
+                      : -1;
+  const auto spread = [](const std::vector<double>& v) {
+    const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+    return *lo > 0 ? *hi / *lo : -1.0;
+  };
+  ch.fused_spread = spread(stats.fused_s);
+  ch.blas_spread = spread(stats.blas_s);
+  ch.untrusted = trust.reason;
   // The fixed rule's path unless the other one is clearly faster (noise does not flip it).
   const bool rule_blas = static_rule(c.M, c.dtype);
   ch.blas = rule_blas ? ch.blas_ms * (1.0 - kSwitchMargin) <= ch.fused_ms
@@ -424,8 +523,10 @@ void log_choice(const std::string& key, const Choice& ch) {
      << ch.source;
   if (ch.fused_ms >= 0) {
     os << ": fused " << ch.fused_ms << " ms, blas " << ch.blas_ms << " ms; the measurement took "
-       << ch.probe_ms << " ms";
+       << ch.probe_ms << " ms; run-queue wait share " << ch.wait_share << ", spread fused "
+       << ch.fused_spread << "x, blas " << ch.blas_spread << "x";
   }
+  if (ch.provisional) os << "; provisional, not cached: " << ch.untrusted;
   os << ")\n";
   std::fputs(os.str().c_str(), stderr);
 }
@@ -434,6 +535,7 @@ bool choose(const ShapeClass& c, const Weight4bit& weight, Caller caller) {
   run_core([] { (void)cpu_isa(); });  // a bad FOURBIT_DISABLE_AMX/_AVX2 is a ValueError here
   const Mode mode = read_mode();
   const bool log = read_log();
+  (void)read_force_trust();  // a bad test switch is a ValueError at every call, not the first
   State& st = state();
   bool blas = false;
   if (c.dtype == DType::Float16) {
@@ -447,25 +549,31 @@ bool choose(const ShapeClass& c, const Weight4bit& weight, Caller caller) {
     std::lock_guard<std::mutex> lock(st.mu);
     auto it = st.choices.find(key);
     if (it == st.choices.end()) {
-      // Not chosen in this process: take the cache's choice, else measure and record it.
+      // Not chosen in this process: take the cache's choice (not in remeasure mode), else
+      // measure; a trusted measurement is recorded, an untrusted one used here only.
+      const bool remeasure = mode == Mode::Remeasure;
       const std::string path = cache_path();
       auto entries = read_cache(path);
       Choice ch;
       auto hit = entries.find(key);
-      if (hit != entries.end()) {
+      if (hit != entries.end() && !remeasure) {
         ch.blas = hit->second == "blas";
         ch.source = "cache " + path;
       } else {
         ch = measure(c, weight);
         ++st.measurements;
-        entries = read_cache(path);  // another process may have written it meanwhile
-        hit = entries.find(key);
-        if (hit != entries.end()) {
-          ch.blas = hit->second == "blas";
-          ch.source = "cache " + path + " (written by another process while measuring)";
+        if (ch.provisional) {
+          ++st.provisional;
         } else {
-          entries[key] = ch.blas ? "blas" : "fused";
-          write_cache(path, entries, st);
+          entries = read_cache(path);  // another process may have written it meanwhile
+          hit = entries.find(key);
+          if (hit != entries.end() && !remeasure) {
+            ch.blas = hit->second == "blas";
+            ch.source = "cache " + path + " (written by another process while measuring)";
+          } else {
+            entries[key] = ch.blas ? "blas" : "fused";
+            write_cache(path, entries, st);
+          }
         }
       }
       it = st.choices.emplace(key, ch).first;
@@ -515,6 +623,32 @@ bool cpu_lora_backward_without_base_uses_blas(DType dtype, int64_t M) {
   return blas;
 }
 
+int64_t cpu_matmul_cache_clear() {
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  const std::string prefix = machine_prefix();
+  for (auto it = st.choices.begin(); it != st.choices.end();) {
+    it = it->first.rfind(prefix, 0) == 0 ? st.choices.erase(it) : std::next(it);
+  }
+  const std::string path = cache_path();
+  auto entries = read_cache(path);
+  int64_t dropped = 0;
+  for (auto it = entries.begin(); it != entries.end();) {
+    if (it->first.rfind(prefix, 0) == 0) {
+      it = entries.erase(it);
+      ++dropped;
+    } else {
+      ++it;
+    }
+  }
+  if (dropped > 0) {
+    st.warned_write = false;
+    write_cache(path, entries, st);  // a temporary file renamed over the old one
+    CHECK_ARG(!st.warned_write, "could not rewrite the CPU matmul cache '", path, "'");
+  }
+  return dropped;
+}
+
 std::string cpu_matmul_info_json() {
   const Mode mode = read_mode();
   State& st = state();
@@ -527,6 +661,8 @@ std::string cpu_matmul_info_json() {
      << json_string(machine_key()) << ", \"cache_file\": " << json_string(cache_path())
      << ", \"static_blas_min_rows\": " << static_min_rows(DType::BFloat16)
      << ", \"auto_blas_min_rows\": " << kCpuBlasMinRows << ", \"measurements\": " << st.measurements
+     << ", \"provisional\": " << st.provisional << ", \"loadavg\": " << read_loadavg()
+     << ", \"cores\": " << online_cores()
      << ", \"last\": {\"forward\": " << json_string(st.last_forward)
      << ", \"grad_input\": " << json_string(st.last_grad_input)
      << ", \"lora_forward\": " << json_string(st.last_lora_forward)
@@ -537,7 +673,11 @@ std::string cpu_matmul_info_json() {
     os << (first ? "" : ", ") << json_string(cls) << ": {\"path\": "
        << json_string(ch.blas ? "blas" : "fused") << ", \"source\": " << json_string(ch.source)
        << ", \"fused_ms\": " << ch.fused_ms << ", \"blas_ms\": " << ch.blas_ms
-       << ", \"probe_ms\": " << ch.probe_ms << "}";
+       << ", \"probe_ms\": " << ch.probe_ms
+       << ", \"wait_share\": " << ch.wait_share << ", \"fused_spread\": " << ch.fused_spread
+       << ", \"blas_spread\": " << ch.blas_spread
+       << ", \"provisional\": " << (ch.provisional ? "true" : "false")
+       << ", \"untrusted\": " << json_string(ch.untrusted) << "}";
     first = false;
   }
   os << "}}";
@@ -549,4 +689,6 @@ std::string cpu_matmul_info_json() {
 
 TORCH_LIBRARY_FRAGMENT(fourbit, m) {
   m.def("cpu_matmul_info() -> str", [] { return fourbit::binding::cpu_matmul_info_json(); });
+  m.def("cpu_matmul_cache_clear() -> int",
+        [] { return fourbit::binding::cpu_matmul_cache_clear(); });
 }

@@ -13,7 +13,7 @@ namespace fourbit {
 namespace binding {
 
 // True if the call should take the dequantize + GEMM path (never for fp16). Reads
-// FOURBIT_CPU_MATMUL (auto | static | fused | blas; anything else is a ValueError naming
+// FOURBIT_CPU_MATMUL (auto | static | fused | blas | remeasure; anything else is a ValueError naming
 // the variable and the value) on every call; in auto mode a shape class not seen before on this machine is
 // measured once on a probe (a few ms), and the choice kept in memory and in the cache file.
 bool cpu_forward_uses_blas(const ForwardCall& call);
@@ -30,6 +30,13 @@ bool cpu_lora_backward_uses_blas(DType dtype, at::ScalarType scalar, int64_t M, 
 // dimension): the fixed rule (static mode's, or the forced path), never a measurement, so
 // every process takes the same path for the adapter gradients.
 bool cpu_lora_backward_without_base_uses_blas(DType dtype, int64_t M);
+
+// Drops this machine's entries (this CPU model and ISA class, any thread count or torch
+// version) from the cache file, rewritten atomically with the other machines' entries kept,
+// and this process's choices, so each class is measured again at its next use. Returns the
+// number of cache entries dropped; a file that cannot be rewritten is a ValueError.
+// torch.ops.fourbit.cpu_matmul_cache_clear(), fourbit.cpu_matmul_cache_clear().
+int64_t cpu_matmul_cache_clear();
 
 // The dispatch state as JSON (ISA class, CPU model, threads, mode, cache file, the choices
 // this process made with their source and timings, the path of the last call of each op):

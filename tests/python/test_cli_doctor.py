@@ -61,3 +61,39 @@ def test_cpu_matmul_check(monkeypatch):
     monkeypatch.setenv("FOURBIT_CPU_MATMUL", "quick")
     bad = doctor.cpu_matmul_check()
     assert bad.status == "FAIL" and "FOURBIT_CPU_MATMUL" in bad.found and "'quick'" in bad.found
+
+
+def test_cpu_matmul_check_shows_provisional_choices(monkeypatch, tmp_path):
+    """A measurement judged untrusted in this process (forced by the test-only switch) is
+    listed as provisional, with its reason."""
+    import torch
+
+    import fourbit
+    import fourbit.functional as F
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL", "auto")
+    monkeypatch.setenv("FOURBIT_CPU_MATMUL_TEST_FORCE", "noisy")
+    q, qs = F.quantize_4bit(torch.randn(192, 320, dtype=torch.bfloat16), blocksize=64, quant_type="nf4")
+    fourbit.matmul_4bit(torch.randn(5, 320, dtype=torch.bfloat16), q.t(), qs)  # a class no other test uses
+    found = doctor.cpu_matmul_check().found
+    assert "provisional (measured under load, not cached): fwd/bfloat16/m8/n256/k512 ->" in found, found
+    assert "FOURBIT_CPU_MATMUL_TEST_FORCE=noisy" in found
+    assert not (tmp_path / "fourbit" / "cpu_matmul.json").exists()
+
+
+def test_remeasure_cpu_matmul_drops_this_machines_entries(monkeypatch, tmp_path):
+    import json
+
+    import torch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    key = json.loads(torch.ops.fourbit.cpu_matmul_info())["machine_key"]
+    path = tmp_path / "fourbit" / "cpu_matmul.json"
+    path.parent.mkdir()
+    other = {"Other CPU|avx2|threads=2|torch=0.0||fwd/bfloat16/m4/n512/k1024": "fused"}
+    path.write_text(json.dumps({"version": 1, "entries": dict(other, **{key + "||fwd/bfloat16/m4/n8/k8": "blas",
+                                                                        key + "||grad/float32/m4/n8/k8": "fused"})}))
+    out = run("doctor", "--remeasure-cpu-matmul").output
+    assert "dropped 2 cached CPU matmul choice(s) for this machine" in out
+    assert json.loads(path.read_text())["entries"] == other

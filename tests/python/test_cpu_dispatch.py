@@ -2,7 +2,11 @@
 and their errors, the measured mode's on-disk cache (a second process makes the first one's
 choices and gets bit-identical results; a corrupt or unwritable cache), no measurement
 while tracing with fake tensors, and the choice visible in ``torch.ops.fourbit.cpu_matmul_info``
-and the debug log. Measured-mode tests run in subprocesses with their own cache directory."""
+and the debug log; untrusted (provisional) measurements, FOURBIT_CPU_MATMUL=remeasure and
+fourbit.cpu_matmul_cache_clear. Measured-mode tests run in subprocesses with their own cache
+directory, and judge every measurement trusted (FOURBIT_CPU_MATMUL_TEST_FORCE=trusted, a
+test-only switch) unless a test says otherwise, so a loaded CI machine does not change what
+gets cached."""
 
 import json
 import os
@@ -27,7 +31,8 @@ def weight(n=256, k=256, seed=0, dtype=torch.bfloat16):
     return F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
 
 
-@pytest.mark.parametrize("var, value", [("FOURBIT_CPU_MATMUL", "fast"), ("FOURBIT_CPU_MATMUL_LOG", "yes")])
+@pytest.mark.parametrize("var, value", [("FOURBIT_CPU_MATMUL", "fast"), ("FOURBIT_CPU_MATMUL_LOG", "yes"),
+                                        ("FOURBIT_CPU_MATMUL_TEST_FORCE", "maybe")])
 def test_bad_values_are_value_errors_naming_variable_and_value(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     q, qs = weight()
@@ -91,7 +96,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def run(tmp_path, script=SCRIPT, **env):
-    e = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), FOURBIT_CPU_MATMUL="auto")
+    e = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), FOURBIT_CPU_MATMUL="auto",
+             FOURBIT_CPU_MATMUL_TEST_FORCE="trusted")
     e.update(env)
     r = subprocess.run([sys.executable, "-c", script], env=e, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -330,3 +336,97 @@ def test_lora_op_obeys_a_flipped_cache_and_computes_that_path(tmp_path):
         # Y, XA follow the forward's path; dX, dA, dB the backward's.
         assert got["out"][i][:4] == forced[fwd]["out"][i][:4], m
         assert got["out"][i][4:] == forced[grad]["out"][i][4:], m
+
+
+# ------------------------------------------------------------ untrusted measurements, remeasure
+
+def test_untrusted_measurement_is_used_but_not_cached_and_measured_again_later(tmp_path):
+    """A measurement judged untrusted (forced here; src/torch/cpu_dispatch_trust.h judges a
+    real one) decides this process's path but is not written; the next process measures
+    that class again, and a trusted measurement then is cached."""
+    first, log = run(tmp_path, FOURBIT_CPU_MATMUL_TEST_FORCE="noisy", FOURBIT_CPU_MATMUL_LOG="1")
+    i = first["info"]
+    assert i["measurements"] == 6 and i["provisional"] == 6
+    assert all(c["provisional"] and "FOURBIT_CPU_MATMUL_TEST_FORCE=noisy" in c["untrusted"]
+               and c["source"].startswith("measured") and c["path"] in ("fused", "blas")
+               for c in i["choices"].values())
+    assert log.count("provisional, not cached: forced by FOURBIT_CPU_MATMUL_TEST_FORCE=noisy") == 6
+    assert not cache_file(tmp_path).exists()
+    # The choice is used within the process: the last call (M=300's input gradient) took it.
+    assert i["last"]["grad_input"] == i["choices"]["grad/bfloat16/m512/n512/k1024"]["path"]
+    # A later process measures again; trusted this time, so it is cached.
+    second, _ = run(tmp_path)
+    assert second["info"]["measurements"] == 6 and second["info"]["provisional"] == 0
+    assert not any(c["provisional"] for c in second["info"]["choices"].values())
+    assert len(json.loads(cache_file(tmp_path).read_text())["entries"]) == 6
+
+
+def flip(entries):
+    return {k: ("fused" if v == "blas" else "blas") for k, v in entries.items()}
+
+
+def test_remeasure_overwrites_planted_entries_and_keeps_other_machines(tmp_path):
+    run(tmp_path)
+    path = cache_file(tmp_path)
+    other = "Other CPU|avx2|threads=2|torch=0.0||fwd/bfloat16/m4/n512/k1024"
+    planted = dict(flip(json.loads(path.read_text())["entries"]), **{other: "blas"})
+    planted_text = json.dumps({"version": 1, "entries": planted})
+    path.write_text(planted_text)
+    again, _ = run(tmp_path, FOURBIT_CPU_MATMUL="remeasure")
+    i = again["info"]
+    assert i["mode"] == "remeasure" and i["measurements"] == 6
+    assert all(c["source"].startswith("measured") for c in i["choices"].values())
+    # Every entry of this machine is the new measurement's (rewritten in fourbit's format);
+    # another machine's entry is untouched.
+    text = path.read_text()
+    assert text != planted_text
+    entries = json.loads(text)["entries"]
+    assert entries == dict({i["machine_key"] + "||" + k: c["path"] for k, c in i["choices"].items()},
+                           **{other: "blas"})
+
+
+CLEAR_SCRIPT = textwrap.dedent("""
+    import json, torch, fourbit, fourbit.functional as F
+    torch.set_num_threads(2)
+    w = torch.randn(512, 1024, dtype=torch.bfloat16) * 0.02
+    q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    fourbit.matmul_4bit(torch.randn(3, 1024, dtype=torch.bfloat16), q.t(), qs)
+    before = json.loads(torch.ops.fourbit.cpu_matmul_info())
+    dropped = [fourbit.cpu_matmul_cache_clear(), fourbit.cpu_matmul_cache_clear()]
+    after_clear = json.loads(torch.ops.fourbit.cpu_matmul_info())
+    fourbit.matmul_4bit(torch.randn(3, 1024, dtype=torch.bfloat16), q.t(), qs)
+    after = json.loads(torch.ops.fourbit.cpu_matmul_info())
+    print(json.dumps({"before": before, "dropped": dropped, "after_clear": after_clear, "after": after}))
+""")
+
+
+def test_cache_clear_drops_this_machines_entries_only(tmp_path):
+    first, _ = run(tmp_path)
+    path = cache_file(tmp_path)
+    entries = json.loads(path.read_text())["entries"]
+    key = first["info"]["machine_key"]
+    prefix = key[:key.index("|threads=") + 1]
+    others = {"Other CPU|avx2|threads=2|torch=0.0||fwd/bfloat16/m4/n512/k1024": "blas",
+              "Other CPU|amx|threads=8|torch=0.0||grad/bfloat16/m64/n512/k1024": "fused"}
+    # The same CPU at another thread count is this machine too.
+    mine = dict(entries, **{prefix + "threads=99|torch=0.0||fwd/bfloat16/m4/n512/k1024": "fused"})
+    path.write_text(json.dumps({"version": 1, "entries": dict(mine, **others)}))
+    out, _ = run(tmp_path, CLEAR_SCRIPT)
+    assert out["before"]["measurements"] == 0 and len(out["before"]["choices"]) == 1  # from the cache
+    assert out["dropped"] == [len(mine), 0]
+    assert out["after_clear"]["choices"] == {}
+    assert out["after"]["measurements"] == 1  # this process measured that class again
+    left = json.loads(path.read_text())["entries"]
+    assert left == dict(others, **{key + "||fwd/bfloat16/m4/n512/k1024":
+                                   out["after"]["choices"]["fwd/bfloat16/m4/n512/k1024"]["path"]})
+    assert not list(path.parent.glob("*.tmp.*"))  # the rewrite's temporary file is gone
+
+
+def test_cache_clear_on_a_corrupt_or_missing_cache(tmp_path):
+    script = "import json, fourbit; print(json.dumps({'dropped': fourbit.cpu_matmul_cache_clear()}))"
+    out, _ = run(tmp_path, script)
+    assert out == {"dropped": 0} and not cache_file(tmp_path).exists()
+    cache_file(tmp_path).parent.mkdir(parents=True)
+    cache_file(tmp_path).write_text("not json")
+    out, log = run(tmp_path, script)
+    assert out == {"dropped": 0} and "corrupt CPU matmul cache" in log

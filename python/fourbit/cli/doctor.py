@@ -100,7 +100,7 @@ def cpu_matmul_check() -> Check:
         info = json.loads(torch.ops.fourbit.cpu_matmul_info())
     except ValueError as e:  # a bad FOURBIT_CPU_MATMUL
         return Check("CPU matmul dispatch", "FAIL", str(e), "unset FOURBIT_CPU_MATMUL or set it to auto, static, "
-                     "fused or blas")
+                     "fused, blas or remeasure")
     cached = 0
     if info["cache_file"] and os.path.exists(info["cache_file"]):
         try:
@@ -111,8 +111,16 @@ def cpu_matmul_check() -> Check:
     found = (f"ISA class {info['isa']} ({ISA_KERNELS.get(info['isa'], 'unknown')}), {info['threads']} threads, FOURBIT_CPU_MATMUL={info['mode']}; "
              + {"auto": f"measured per shape class, {'corrupt cache' if cached < 0 else f'{cached} cached'} "
                         f"in {info['cache_file'] or '(no cache directory)'}",
+                "remeasure": f"measured again per shape class, overwriting {info['cache_file'] or '(no cache directory)'}",
                 "static": f"fixed rule: dequantize + GEMM from M = {info['static_blas_min_rows']}",
                 "fused": "always the fused kernels", "blas": "always dequantize + GEMM"}[info["mode"]])
+    provisional = {k: v["untrusted"] for k, v in info["choices"].items() if v["provisional"]}
+    if provisional:
+        found += "; provisional (measured under load, not cached): " + ", ".join(
+            f"{k} -> {info['choices'][k]['path']} ({why})" for k, why in provisional.items())
+    elif info["mode"] in ("auto", "remeasure") and 0 <= info["cores"] < info["loadavg"]:
+        found += (f"; load average {info['loadavg']:.2f} above the {info['cores']} cores: a measurement now "
+                  "would be provisional (used, not cached)")
     if info["amx_hardware"] and info["isa"] != "amx":
         return Check("CPU matmul dispatch", "WARN", found + "; the CPU has AMX but fourbit does not use it",
                      "unset FOURBIT_DISABLE_AMX; on Linux < 5.16 the kernel cannot grant AMX tile data")
@@ -258,10 +266,20 @@ def run_checks(config: Optional[Path]) -> list[Check]:
 @click.command("doctor")
 @click.option("--config", type=click.Path(path_type=Path), default=None,
               help="a training YAML to check too (precision settings)")
-def doctor_cmd(config):
+@click.option("--remeasure-cpu-matmul", is_flag=True, default=False,
+              help="drop this machine's cached CPU matmul choices (other machines' kept); the next run measures again")
+def doctor_cmd(config, remeasure_cpu_matmul):
     """Check this machine (and optionally a training config) for what QLoRA training needs."""
     if config is not None and not Path(config).is_file():
         raise CliError(f"--config {str(config)!r} does not exist")
+    if remeasure_cpu_matmul:
+        import fourbit
+
+        try:
+            dropped = fourbit.cpu_matmul_cache_clear()
+        except ValueError as e:
+            raise CliError(f"--remeasure-cpu-matmul: {e}")
+        console.print(f"dropped {dropped} cached CPU matmul choice(s) for this machine; the next run measures again")
     checks = run_checks(config)
     table = Table(title="fourbit doctor")
     for col in ("check", "status", "found"):
