@@ -247,6 +247,7 @@ def _errors_worker(rank, ws, tmp):
     assert {n: open(f"{tmp}/existing/{n}", "rb").read() for n in os.listdir(f"{tmp}/existing")} == before
     assert not [n for n in os.listdir(tmp) if ".partial-" in n], os.listdir(tmp)
     # a successful save over it: one file now; the old shards and index go, other files stay
+    torch.distributed.barrier()  # every rank has checked the directory above before rank 0 adds a file to it
     if rank == 0:
         with open(f"{tmp}/existing/tokenizer.json", "w") as f:
             f.write("{}")
